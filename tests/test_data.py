@@ -1,0 +1,144 @@
+"""The built-in corpus and tasks, and every own-data format with its errors."""
+
+import json
+
+import pytest
+
+from ragbook import data
+from ragbook.data import DataError, Example, Passage
+
+
+def test_corpus_size_and_passage_length():
+    articles = data.load_articles()
+    corpus = data.load_corpus()
+    assert len(articles) == 10_033
+    assert len(corpus) > len(articles)  # long extracts split into several passages
+    assert max(len(p.text.split()) for p in corpus) <= data.PASSAGE_WORDS
+    assert len({p.id for p in corpus}) == len(corpus)
+    assert {p.title for p in corpus} == {a["title"] for a in articles}
+
+
+def test_split_passages_keeps_every_word_with_stable_ids():
+    text = " ".join(f"w{i}" for i in range(250))
+    parts = data.split_passages("T", text)
+    assert [len(p.text.split()) for p in parts] == [84, 84, 82]
+    assert " ".join(p.text for p in parts) == text
+    assert [p.id for p in parts] == ["T::0", "T::1", "T::2"]
+    assert data.split_passages("T", text) == parts
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_splits_are_disjoint_by_article_and_deterministic(task):
+    splits = {s: data.load_task(task, s) for s in data.SPLITS}
+    articles = {s: {e.article for e in ex} for s, ex in splits.items()}
+    assert not articles["train"] & articles["dev"]
+    assert not articles["train"] & articles["test"]
+    assert not articles["dev"] & articles["test"]
+    assert len(splits["train"]) > 5 * len(splits["test"]) > 0
+    assert data.load_task(task, "dev") == splits["dev"]
+    assert data.load_task(task, "dev", seed=1) != splits["dev"]
+
+
+def test_entity_qa_never_gives_the_answer_away():
+    for e in data.load_task("entity-qa", "train"):
+        assert e.answers == [e.article]
+        assert e.article.lower() not in e.question.lower()
+
+
+def test_verify_labels_are_balanced_and_refutations_come_from_the_same_topic():
+    examples = data.load_task("verify", "train")
+    labels = [e.answers[0] for e in examples]
+    assert set(labels) == set(data.LABELS)
+    assert 0.45 < labels.count("SUPPORTS") / len(labels) < 0.55
+    described = {a["title"]: a["description"] for a in data.load_articles()}
+    for e in examples[:200]:
+        claimed = e.question.split(": ", 1)[1] if ": " in e.question else None
+        assert (claimed == described[e.article]) == (e.answers == ["SUPPORTS"])
+
+
+def test_unknown_task_or_split():
+    with pytest.raises(ValueError, match="unknown task"):
+        data.load_task("nq", "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        data.load_task("qgen", "validation")
+
+
+# ----------------------------------------------------------------- own data
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_passages_and_questions(tmp_path):
+    p = write(tmp_path / "c.jsonl", [json.dumps({"id": 1, "title": "A", "text": "alpha"}),
+                                     "", json.dumps({"id": "b", "text": "beta"})])
+    assert data.load_passages(p) == [Passage("1", "A", "alpha"), Passage("b", "", "beta")]
+    q = write(tmp_path / "q.jsonl", [json.dumps({"question": "what?", "answers": ["x", "y"]}),
+                                     json.dumps({"question": "who?", "answer": "z"})])
+    assert data.load_examples(q) == [Example("what?", ["x", "y"]), Example("who?", ["z"])]
+
+
+def test_plain_text_corpus(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("first paragraph here\n\n" + " ".join(["word"] * 150), encoding="utf-8")
+    passages = data.load_passages(p)
+    assert [len(x.text.split()) for x in passages] == [3, 75, 75]
+    assert len({x.id for x in passages}) == 3 and passages[0].title == "notes"
+
+
+def squad(version_2: bool):
+    qas = [{"id": "1", "question": "Who?", "answers": [{"text": "Ada", "answer_start": 0},
+                                                       {"text": "Ada", "answer_start": 0}]}]
+    if version_2:
+        qas.append({"id": "2", "question": "Why?", "answers": [], "is_impossible": True})
+    return {"version": "v2.0" if version_2 else "1.1",
+            "data": [{"title": "Ada", "paragraphs": [{"context": "Ada wrote.", "qas": qas}]}]}
+
+
+@pytest.mark.parametrize("version_2", [False, True])
+def test_squad(tmp_path, version_2):
+    p = tmp_path / "squad.json"
+    p.write_text(json.dumps(squad(version_2)), encoding="utf-8")
+    examples, skipped = data.load_squad(p)
+    assert examples == [Example("Who?", ["Ada"], article="Ada")]
+    assert skipped == (1 if version_2 else 0)
+    assert data.load_examples(p) == examples
+    assert data.passages_from_squad(p) == [Passage("Ada::0.0", "Ada", "Ada wrote.")]
+
+
+@pytest.mark.parametrize("name, lines, message", [
+    ("c.jsonl", ['{"id": 1, "text": "a"}', '{"id": 2, "text": '], r"c\.jsonl:2: malformed JSON"),
+    ("c.jsonl", ['{"id": 1, "text": "a"}', '{"id": 2, "text": " "}'],
+     r":2: passage '2' has empty"),
+    ("c.jsonl", ['{"id": 1, "text": "a"}', '{"id": 1, "text": "b"}'], r":2: duplicate id '1'"),
+    ("c.jsonl", ['{"title": "x", "text": "a"}'], r":1: missing field\(s\) \['id'\]"),
+    ("c.jsonl", [""], r"no passages found"),
+])
+def test_bad_passages(tmp_path, name, lines, message):
+    with pytest.raises(DataError, match=message):
+        data.load_passages(write(tmp_path / name, lines))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"question": "q", "answers": []}'], r"q\.jsonl:1: question without answers"),
+    (['{"question": "q"}'], r"q\.jsonl:1: question without answers"),
+    (['{"question": "q", "answers": ["a"]}', "[1, 2]"], r":2: expected a JSON object"),
+    (['{"answers": ["a"]}'], r":1: missing or empty 'question'"),
+])
+def test_bad_questions(tmp_path, lines, message):
+    with pytest.raises(DataError, match=message):
+        data.load_examples(write(tmp_path / "q.jsonl", lines))
+
+
+def test_missing_file_and_bad_squad(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
+        data.load_passages(tmp_path / "nope.jsonl")
+    bad = tmp_path / "s.json"
+    bad.write_text('{"data": [', encoding="utf-8")
+    with pytest.raises(DataError, match=r"s\.json:1: malformed JSON"):
+        data.load_examples(bad)
+    bad.write_text('{"rows": []}', encoding="utf-8")
+    with pytest.raises(DataError, match="not SQuAD format"):
+        data.load_examples(bad)
