@@ -22,6 +22,8 @@ class Preset:
     doc_encoder: str  # BERT_d: frozen once the index is built
     generator: str  # p_θ: "tiny" (the shipped BART) or a hub id such as facebook/bart-large
     pooling: str  # "mean" (MiniLM was trained so) or "cls" (DPR)
+    normalize: bool = False  # L2-normalise q(x) and d(z) (MiniLM was trained with cosine)
+    score_scale: float = 1.0  # doc_scores = score_scale · d(z)ᵀq(x): the softmax temperature
     max_query_length: int = 64
     max_passage_length: int = 128
     max_source_length: int = 48  # generator input "title / text // question", in tokens
@@ -43,7 +45,7 @@ def minilm_path() -> str:
 def _tiny() -> Preset:
     path = minilm_path()
     return Preset(name="tiny", query_encoder=path, doc_encoder=path, generator="tiny",
-                  pooling="mean")
+                  pooling="mean", normalize=True, score_scale=20.0)
 
 
 def _paper() -> Preset:
