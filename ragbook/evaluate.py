@@ -1,0 +1,139 @@
+"""Evaluation: the paper's metrics, with every prediction kept beside its provenance.
+
+- Exact Match and F1 with SQuAD's answer normalisation, max over the gold answers (Table 1);
+- retrieval recall@k: the gold article, or a gold answer string, among the top k (Table 6);
+- BLEU-1 for question generation, from sacrebleu (Table 2, Jeopardy generation);
+- label accuracy for fact verification, the label generated as a word (Table 2, FEVER).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .data import Example, Passage
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, drop punctuation and articles, squeeze spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD's token-overlap F1, the max over the gold answers."""
+    pred = normalize_answer(prediction).split()
+
+    def f1(gold: str) -> float:
+        gold_tokens = normalize_answer(gold).split()
+        common = sum((Counter(pred) & Counter(gold_tokens)).values())
+        if not pred or not gold_tokens:
+            return float(pred == gold_tokens)
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(pred), common / len(gold_tokens)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(f1(a) for a in answers)
+
+
+def is_hit(passage: Passage, example: Example) -> bool:
+    """A retrieved passage supports ``example`` if it comes from the gold article or, when the
+    article is unknown, contains a gold answer string."""
+    if example.article is not None:
+        return passage.title == example.article
+    text = normalize_answer(passage.text)
+    return any(normalize_answer(a) and normalize_answer(a) in text for a in example.answers)
+
+
+def recall_at_k(retrieved: Sequence[Sequence[Passage]], examples: Sequence[Example],
+                ks: Sequence[int] = (1, 5, 20)) -> dict[int, float]:
+    """Fraction of questions with a supporting passage among the top k, for each k."""
+    first_hit = []
+    for passages, example in zip(retrieved, examples, strict=True):
+        rank = next((r for r, p in enumerate(passages) if is_hit(p, example)), None)
+        first_hit.append(rank)
+    n = max(1, len(first_hit))
+    return {k: sum(r is not None and r < k for r in first_hit) / n for k in ks}
+
+
+def bleu1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-1 (unigram precision with brevity penalty) in [0, 1], via sacrebleu."""
+    from sacrebleu.metrics import BLEU
+
+    refs = [list(r) for r in references]
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
+    return BLEU(max_ngram_order=1, effective_order=True).corpus_score(
+        list(predictions), streams).score / 100
+
+
+def accuracy(predictions: Sequence[str], examples: Sequence[Example]) -> float:
+    """Label accuracy: the generated word equals the gold label (case-insensitive)."""
+    hits = [p.strip().upper() == e.answers[0].strip().upper()
+            for p, e in zip(predictions, examples, strict=True)]
+    return sum(hits) / max(1, len(hits))
+
+
+@dataclass
+class Prediction:
+    """One answer with its provenance: the passages it was generated from and p(z | x, y)."""
+
+    question: str
+    prediction: str
+    answers: list[str]
+    provenance: list[dict] = field(default_factory=list)  # {id, title, posterior}
+
+    @property
+    def em(self) -> float:
+        return exact_match(self.prediction, self.answers)
+
+
+def save_predictions(predictions: Sequence[Prediction], path: str | Path) -> None:
+    """Write predictions as JSONL, one object per line."""
+    from .artifacts import atomic_write_bytes
+
+    lines = "".join(json.dumps(asdict(p)) + "\n" for p in predictions)
+    atomic_write_bytes(path, lines.encode())
+
+
+def load_predictions(path: str | Path) -> list[Prediction]:
+    """Read a predictions JSONL file written by :func:`save_predictions`."""
+    from .data import DataError
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                out.append(Prediction(question=obj["question"], prediction=obj["prediction"],
+                                      answers=list(obj["answers"]),
+                                      provenance=obj.get("provenance", [])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: not a prediction ({e}); each line needs "
+                                '{"question", "prediction", "answers"}') from None
+    return out
+
+
+def score_predictions(predictions: Sequence[Prediction]) -> dict[str, float]:
+    """EM and F1 averaged over predictions."""
+    n = max(1, len(predictions))
+    return {"em": sum(p.em for p in predictions) / n,
+            "f1": sum(f1_score(p.prediction, p.answers) for p in predictions) / n,
+            "n": len(predictions)}
