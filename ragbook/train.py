@@ -1,10 +1,16 @@
-"""Training loops: generator pre-training (BART's denoising objective).
+"""Training loops: generator pre-training and joint RAG fine-tuning.
+
+``train_rag`` is the paper's fine-tuning (§2.4): minimise −Σ_j log p(y_j|x_j), Eq. 1 or Eq. 2,
+with Adam, updating only the query encoder BERT_q and the generator; the document encoder and
+the index stay frozen.
 
 ``pretrain`` is the recipe that produced the shipped tiny BART: text infilling and sentence
-permutation (Lewis et al. 2019, BART) on the passages of the built-in corpus's *train* articles,
-so that dev and test articles stay unseen by the parametric memory. Every run is resumable: the
-checkpoint is written atomically every ``checkpoint_every`` steps and on interrupt, and the batch
-of step t depends only on (seed, t), so a resumed run equals an uninterrupted one.
+permutation (Lewis et al. 2019, BART) on the passages of the built-in corpus's *train*
+articles, so that dev and test articles stay unseen by the parametric memory.
+
+Every run is resumable (:func:`resumable_loop`): the checkpoint is written atomically every
+``checkpoint_every`` steps and on interrupt, and the batch of step t depends only on (seed, t),
+so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,11 +82,11 @@ class PretrainConfig:
     heldout_passages: int = 256
 
 
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -143,6 +150,54 @@ def save_generator(model, tokenizer, out: Path, meta: dict) -> None:
     atomic_write_bytes(out / "pretrain.json", json.dumps(meta, indent=2).encode())
 
 
+def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
+                   checkpoint_path: str | Path | None, checkpoint_every: int, desc: str,
+                   progress: bool = True, after_step: Callable[[dict], None] | None = None,
+                   ) -> dict:
+    """Run ``step_fn(step) -> loss`` until ``steps``, resumable from ``checkpoint_path``.
+
+    ``stateful`` maps names to objects with ``state_dict``/``load_state_dict`` (models,
+    optimizers, schedulers). The checkpoint holds them and the loss history; it is written
+    atomically every ``checkpoint_every`` steps, at the end and on interrupt (Ctrl-C), and a
+    run that finds it continues where it stopped. ``step_fn`` must draw its batch and its
+    randomness from the step number alone, so that a resumed run equals an unbroken one.
+    """
+    state = {"step": 0, "history": [], "seconds": 0.0}
+    path = Path(checkpoint_path) if checkpoint_path else None
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        for name, obj in stateful.items():
+            obj.load_state_dict(saved[name])
+        state = saved["state"]
+
+    def checkpoint():
+        if path is not None:
+            atomic_torch_save({**{n: o.state_dict() for n, o in stateful.items()},
+                               "state": state}, path)
+
+    bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not progress)
+    try:
+        while state["step"] < steps:
+            t0 = time.perf_counter()
+            loss = step_fn(state["step"])
+            state["seconds"] += time.perf_counter() - t0
+            state["step"] += 1
+            state["history"].append((state["step"], round(loss, 4)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if state["step"] % checkpoint_every == 0:
+                checkpoint()
+            if after_step is not None:
+                after_step(state)
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+    checkpoint()
+    return state
+
+
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Path | None = None,
              device: str = "cpu", progress: bool = True) -> dict:
     """Pre-train the tiny BART by denoising and export it to ``out``; resumable.
@@ -168,21 +223,23 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     model = BartForConditionalGeneration(tiny_config(tokenizer, cfg.d_model, cfg.layers))
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
-    state = {"step": 0, "history": [], "seconds": 0.0}
-    ckpt = work / "checkpoint.pt"
-    if ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
 
-    def checkpoint():
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "state": state}, ckpt)
+    def step_fn(step: int) -> float:
+        rng = random.Random(f"{cfg.seed}/{step}")
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)]
+        batch = {k: v.to(device) for k, v in denoising_batch(texts, tokenizer, cfg, rng).items()}
+        loss = denoising_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        return loss.item()
 
-    def export():
+    def export(state: dict) -> dict:
         meta = {"recipe": "ragbook pretrain", "config": asdict(cfg), "step": state["step"],
                 "train_loss": float(np.mean([h[1] for h in state["history"][-100:]])),
                 "heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
@@ -194,34 +251,81 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
         save_generator(model, tokenizer, out, meta)
         return meta
 
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", disable=not progress)
-    try:
-        while state["step"] < cfg.steps:
-            step = state["step"]
-            rng = random.Random(f"{cfg.seed}/{step}")
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)]
-            batch = {k: v.to(device) for k, v in
-                     denoising_batch(texts, tokenizer, cfg, rng).items()}
-            t0 = time.perf_counter()
-            loss = denoising_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
+    def after_step(state: dict) -> None:
+        if state["step"] % cfg.export_every == 0 and state["step"] < cfg.steps:
+            export(state)
+
+    state = resumable_loop(step_fn, {"model": model, "optimizer": optimizer,
+                                     "scheduler": scheduler},
+                           cfg.steps, work / "checkpoint.pt", cfg.checkpoint_every, "pretrain",
+                           progress, after_step)
+    return export(state)
+
+
+@dataclass
+class RagTrainConfig:
+    """Joint fine-tuning settings; the two ablation switches are the paper's Table 6."""
+
+    marginalization: str = "token"  # "token" (Eq. 2) or "sequence" (Eq. 1)
+    n_docs: int = 5
+    steps: int = 250
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4  # generator (DESIGN: 1e-3 collapses the tiny BART)
+    query_lr: float = 3e-5  # query encoder
+    warmup: int = 20
+    clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    freeze_retriever: bool = False  # the "frozen BERT_q" ablation
+
+
+def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
+              checkpoint: str | Path | None = None, progress: bool = True) -> dict:
+    """Jointly fine-tune ``model`` (a :class:`ragbook.pipeline.RagModel`) on ``examples``.
+
+    AdamW with warm-up and cosine decay, gradient accumulation and clipping, bf16 autocast on
+    CUDA. Resumable from ``checkpoint``; the batch of step t depends only on (seed, t), so CPU
+    runs repeat exactly. Returns the loop state: ``history`` of (step, loss) and ``seconds``.
+    """
+    cfg = cfg or RagTrainConfig()
+    if not examples:
+        raise ValueError("train_rag needs at least one training example")
+    train_retriever = not cfg.freeze_retriever and model.bm25 is None
+    model.query_encoder.requires_grad_(train_retriever)
+    groups = [{"params": list(model.generator.parameters()), "lr": cfg.lr}]
+    if train_retriever:
+        groups.append({"params": list(model.query_encoder.parameters()), "lr": cfg.query_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
+    device = model.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    params = [p for g in groups for p in g["params"]]
+    model.train()
+    if not train_retriever:
+        model.query_encoder.eval()
+
+    def step_fn(step: int) -> float:
+        rng = random.Random(f"{cfg.seed}/{step}")
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
+            with autocast:
+                loss = model.loss(batch, cfg.marginalization, cfg.n_docs,
+                                  train_retriever=train_retriever).mean() / cfg.grad_accum
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            state["seconds"] += time.perf_counter() - t0
-            state["step"] = step + 1
-            state["history"].append((state["step"], round(loss.item(), 4)))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state["step"] % cfg.checkpoint_every == 0:
-                checkpoint()
-            if state["step"] % cfg.export_every == 0:
-                export()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    bar.close()
-    checkpoint()
-    return export()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        return total
+
+    stateful = {"generator": model.generator, "query_encoder": model.query_encoder,
+                "optimizer": optimizer, "scheduler": scheduler}
+    state = resumable_loop(step_fn, stateful, cfg.steps, checkpoint, cfg.checkpoint_every,
+                           f"RAG-{cfg.marginalization.capitalize()}", progress)
+    model.eval()
+    return state

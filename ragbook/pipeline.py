@@ -1,0 +1,153 @@
+"""The whole RAG model: query encoder + index (p_η) glued to the generator (p_θ).
+
+``RagModel`` is what training, evaluation and ``ragbook ask`` share. It retrieves the top-k
+passages for a batch of questions, scores them as in the paper — ``doc_scores`` = d(z)ᵀq(x)
+recomputed from the stored (frozen) document vectors so that gradients reach the query encoder
+— feeds each "title / text // question" to the generator, and marginalizes with Eq. 1
+(RAG-Sequence) or Eq. 2 (RAG-Token). With ``retriever="bm25"`` (the paper's Table 6 ablation)
+the passages and their scores come from BM25 and the query encoder plays no part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import rag
+from .config import Preset
+from .data import Example, Passage
+from .evaluate import Prediction
+from .generator import encode_inputs, encode_targets, token_logprobs
+
+MARGINALIZATIONS = {"sequence": rag.rag_sequence_loss, "token": rag.rag_token_loss}
+
+
+@dataclass
+class Retrieved:
+    """The top-k passages of each question and their retrieval logits (batch, k)."""
+
+    passages: list[list[Passage]]
+    doc_scores: Tensor
+
+
+class RagModel(torch.nn.Module):
+    """p(y|x) = marginal over the top-k passages z of p_η(z|x) · p_θ(y|x,z)."""
+
+    def __init__(self, preset: Preset, query_encoder, generator, tokenizer, index,
+                 doc_vectors: np.ndarray | None = None, bm25=None):
+        super().__init__()
+        self.preset = preset
+        self.query_encoder = query_encoder
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.index = index
+        self.bm25 = bm25
+        vectors = doc_vectors if doc_vectors is not None else np.zeros((0, 0), np.float32)
+        self.register_buffer("doc_vectors", torch.from_numpy(np.ascontiguousarray(vectors)),
+                             persistent=False)
+
+    @classmethod
+    def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
+                    generator=None, tokenizer=None, index_kind: str = "flat") -> RagModel:
+        """Assemble the model from cached artifacts (built on first use)."""
+        from .generator import load_generator
+        from .index import corpus_index
+        from .retriever import BM25Retriever, load_encoders, passage_embeddings
+
+        if query_encoder is None:
+            query_encoder = load_encoders(preset)[0]
+        if generator is None:
+            generator, tokenizer = load_generator(preset.generator)
+        if retriever == "bm25":
+            from .data import load_corpus
+
+            return cls(preset, query_encoder, generator, tokenizer, None,
+                       bm25=BM25Retriever(load_corpus()))
+        if retriever != "dense":
+            raise ValueError(f"unknown retriever {retriever!r}; choose 'dense' or 'bm25'")
+        return cls(preset, query_encoder, generator, tokenizer,
+                   corpus_index(preset, kind=index_kind), passage_embeddings(preset))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def retrieve(self, questions: Sequence[str], n_docs: int | None = None,
+                 grad: bool = False) -> Retrieved:
+        """Top-k passages and ``doc_scores`` = scale · d(z)ᵀq(x); differentiable in q if
+        ``grad`` (joint training), the document vectors staying frozen as in the paper."""
+        k = n_docs or self.preset.n_docs
+        if self.bm25 is not None:
+            found = self.bm25.search(list(questions), k)
+            scores = torch.as_tensor(found.scores, dtype=torch.float32, device=self.device)
+            return Retrieved(found.passages, scores)
+        with torch.set_grad_enabled(grad):
+            q = self.query_encoder(list(questions)).to(self.device)
+        found = self.index.search(q.detach().float().cpu().numpy(), k)
+        d = self.doc_vectors[torch.as_tensor(found.indices)].to(self.device)  # (batch, k, dim)
+        doc_scores = self.preset.score_scale * torch.einsum("bd,bkd->bk", q.float(), d)
+        return Retrieved(found.passages, doc_scores)
+
+    def generator_inputs(self, questions: Sequence[str],
+                         passages: Sequence[Sequence[Passage]]) -> dict[str, Tensor]:
+        """The (batch·k, S) inputs "title / text // question", k consecutive per question."""
+        flat = [p for row in passages for p in row]
+        repeated = [q for q, row in zip(questions, passages) for _ in row]
+        batch = encode_inputs(self.tokenizer, flat, repeated, self.preset.max_source_length)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def loss(self, examples: Sequence[Example], marginalization: str = "token",
+             n_docs: int | None = None, train_retriever: bool = True) -> Tensor:
+        """−log p(y|x) for each example (batch,), Eq. 1 or Eq. 2 over the top-k passages."""
+        if marginalization not in MARGINALIZATIONS:
+            raise ValueError(f"unknown marginalization {marginalization!r}; "
+                             f"choose one of {sorted(MARGINALIZATIONS)}")
+        questions = [e.question for e in examples]
+        found = self.retrieve(questions, n_docs, grad=train_retriever)
+        inputs = self.generator_inputs(questions, found.passages)
+        targets = encode_targets(self.tokenizer, [e.answers[0] for e in examples],
+                                 self.preset.max_target_length)
+        logprobs = token_logprobs(self.generator, inputs["input_ids"], inputs["attention_mask"],
+                                  targets["labels"].to(self.device))
+        return MARGINALIZATIONS[marginalization](
+            logprobs, targets["target_mask"].to(self.device), found.doc_scores)
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str], answers: Sequence[Sequence[str]] | None = None,
+               marginalization: str = "token", n_docs: int | None = None, num_beams: int = 1,
+               decoding: str = "thorough", batch_size: int = 16,
+               progress: bool = False) -> list[Prediction]:
+        """Generate an answer for each question, with its provenance: the retrieved passages
+        and their posterior p(z | x, y) under the generated answer."""
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in tqdm(range(0, len(questions), batch_size), disable=not progress,
+                          desc=f"RAG-{marginalization.capitalize()}"):
+            qs = list(questions[start:start + batch_size])
+            found = self.retrieve(qs, n_docs)
+            inputs = self.generator_inputs(qs, found.passages)
+            max_length = self.preset.max_target_length + 1
+            if marginalization == "token":
+                results = rag.rag_token_generate(
+                    self.generator, self.tokenizer, inputs["input_ids"],
+                    inputs["attention_mask"], found.doc_scores, num_beams=num_beams,
+                    max_length=max_length)
+            else:
+                results = rag.rag_sequence_generate(
+                    self.generator, self.tokenizer, inputs["input_ids"],
+                    inputs["attention_mask"], found.doc_scores, num_beams=num_beams,
+                    max_length=max_length, method=decoding)
+            for i, (q, result) in enumerate(zip(qs, results)):
+                gold = list(answers[start + i]) if answers is not None else []
+                provenance = [{"id": p.id, "title": p.title, "posterior": float(w)}
+                              for p, w in zip(found.passages[i], result.doc_posterior)]
+                out.append(Prediction(q, result.text, gold, provenance))
+        self.train(was_training)
+        return out
