@@ -137,3 +137,107 @@ def score_predictions(predictions: Sequence[Prediction]) -> dict[str, float]:
     return {"em": sum(p.em for p in predictions) / n,
             "f1": sum(f1_score(p.prediction, p.answers) for p in predictions) / n,
             "n": len(predictions)}
+
+
+# --------------------------------------------------------------------------- experiments
+# Each runner is shared by notebook 07 and `ragbook reproduce`.
+
+
+def evaluate_rag(model, examples: Sequence[Example], marginalization: str = "token",
+                 n_docs: int | None = None, num_beams: int = 1, decoding: str = "fast",
+                 progress: bool = False) -> tuple[dict[str, float], list[Prediction]]:
+    """EM / F1 of a :class:`~ragbook.pipeline.RagModel` with provenance for each answer."""
+    predictions = model.answer([e.question for e in examples], [e.answers for e in examples],
+                               marginalization=marginalization, n_docs=n_docs,
+                               num_beams=num_beams, decoding=decoding, progress=progress)
+    return score_predictions(predictions), predictions
+
+
+def retrieval_recall(model, examples: Sequence[Example], ks: Sequence[int] = (1, 5, 20),
+                     batch_size: int = 64) -> dict[int, float]:
+    """recall@k of a model's retriever (dense with its current query encoder, or BM25)."""
+    retrieved = []
+    for i in range(0, len(examples), batch_size):
+        questions = [e.question for e in examples[i:i + batch_size]]
+        retrieved += model.retrieve(questions, max(ks)).passages
+    return recall_at_k(retrieved, examples, ks)
+
+
+def top1_title_baseline(model, examples: Sequence[Example]) -> float:
+    """EM of answering with the title of the top-1 passage: what RAG must beat."""
+    top1 = [r[0] for i in range(0, len(examples), 64)
+            for r in model.retrieve([e.question for e in examples[i:i + 64]], 1).passages]
+    return sum(exact_match(p.title, e.answers) for p, e in zip(top1, examples)) / len(examples)
+
+
+def k_sweep(model, examples: Sequence[Example], ks: Sequence[int] = (1, 2, 5, 10, 20, 50),
+            marginalization: str = "token", progress: bool = False) -> dict[str, list[float]]:
+    """The paper's Figure 3: EM and recall@k as the number of documents at test time grows."""
+    em = [evaluate_rag(model, examples, marginalization, n_docs=k, progress=progress)[0]["em"]
+          for k in ks]
+    recall = retrieval_recall(model, examples, ks)
+    return {"k": list(ks), "em": em, "recall": [recall[k] for k in ks]}
+
+
+def edit_facts(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
+    """Pick ``n`` entity-QA facts and invent a new answer (a new article title) for each."""
+    import random
+
+    rng = random.Random(f"hot-swap/{seed}")
+    syllables = ["ka", "lo", "mir", "ven", "dra", "sel", "tor", "bi", "qu", "zen", "ar", "ny"]
+    chosen = rng.sample(list(examples), min(n, len(examples)))
+    return {e.article: "".join(rng.choice(syllables) for _ in range(3)).capitalize() + " "
+            + "".join(rng.choice(syllables) for _ in range(2)).capitalize() for e in chosen}
+
+
+def edited_corpus(corpus: Sequence[Passage], edits: dict[str, str]) -> list[Passage]:
+    """A copy of ``corpus`` where each edited article is renamed, in its title and its text:
+    the course's analogue of swapping the 2016 Wikipedia index for the 2018 one."""
+    out = []
+    for p in corpus:
+        new = edits.get(p.title)
+        out.append(p if new is None else Passage(p.id, new, p.text.replace(p.title, new)))
+    return out
+
+
+def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 0,
+             progress: bool = False) -> dict:
+    """Swap the index for one built over an edited corpus, without retraining.
+
+    Among facts the model answers correctly with the original index, ``followed`` is the
+    share answered with the *new* answer after the swap, and ``kept`` the share still
+    answered with the old one once the original index is swapped back.
+    """
+    from .retriever import passage_embeddings
+
+    correct = [p.em for p in evaluate_rag(model, examples, progress=progress)[1]]
+    known = [e for e, c in zip(examples, correct) if c]
+    edits = edit_facts(known, n_facts, seed)
+    facts = [e for e in known if e.article in edits]
+    original_index, original_vectors = model.index, model.doc_vectors
+    corpus = edited_corpus(original_index.passages, edits)
+    vectors = passage_embeddings(model.preset, corpus, progress=progress)
+    new_index = type(original_index).build(vectors, corpus, kind=original_index.kind,
+                                           metadata=dict(original_index.metadata),
+                                           progress=False)
+    swapped = [Example(e.question, [edits[e.article]], edits[e.article]) for e in facts]
+    try:
+        model.index = original_index.swap(new_index)
+        model.doc_vectors = torch_from(vectors, original_vectors)
+        after = evaluate_rag(model, swapped, progress=progress)[1]
+    finally:
+        model.index, model.doc_vectors = original_index, original_vectors
+    before = evaluate_rag(model, facts, progress=progress)[1]
+    return {"facts": len(facts),
+            "followed": sum(p.em for p in after) / max(1, len(facts)),
+            "kept": sum(p.em for p in before) / max(1, len(facts)),
+            "examples": [{"question": e.question, "old": e.answers[0], "new": s.answers[0],
+                          "answer_after_swap": a.prediction}
+                         for e, s, a in zip(facts[:10], swapped, after)]}
+
+
+def torch_from(vectors, like):
+    """``vectors`` as a tensor on the device and dtype of ``like``."""
+    import torch
+
+    return torch.as_tensor(vectors).to(like.device, like.dtype)
