@@ -1,0 +1,357 @@
+"""RAG's two marginalizations, the document posterior, and both decoders.
+
+Lewis et al. (2020) §2.1 give two ways to turn the retriever's top-k distribution
+p_η(z|x) ∝ exp(d(z)ᵀq(x)) and the generator's p_θ(y_i | x, z, y_<i) into p(y|x). The paper leaves
+the equations unnumbered; this course calls them Eq. 1 and Eq. 2:
+
+    Eq. 1  RAG-Sequence:  p(y|x) ≈ Σ_z p_η(z|x) Π_i p_θ(y_i | x, z, y_<i)
+    Eq. 2  RAG-Token:     p(y|x) ≈ Π_i Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i)
+
+RAG-Sequence picks one document for the whole answer; RAG-Token may switch documents at every
+token. With k = 1, or a one-token target, the two are the same number.
+
+Every function here works in log space on the (batch, k, T) tensor of
+``generator.token_logprobs`` and never multiplies probabilities: a product of T token
+probabilities underflows long before T is large, and a sum over documents of tiny numbers is
+``logsumexp``. Positions where ``target_mask`` is false (padding) contribute nothing.
+
+Decoding (§2.5): RAG-Token is ordinary beam search over the marginal next-token distribution
+log Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i). RAG-Sequence's likelihood does not factor over tokens, so
+the paper runs beam search once per document and then either scores every hypothesis under
+every document (*Thorough* decoding) or takes a hypothesis missing from a document's beam to
+have probability ≈ 0 there (*Fast* decoding, no extra forward passes). Both decoders run the
+encoder once per batch and the decoder with its key/value cache; greedy decoding is
+``num_beams=1``. Beam scores are total log-probabilities (no length normalisation), so the
+score of an answer is exactly its log p(y|x) under Eq. 1 or Eq. 2; an answer that reaches
+``max_length`` simply stops (no end token is forced, unlike transformers' ``generate`` when the
+generator's config sets ``forced_eos_token_id``, as BART's does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutput
+
+from .generator import pad, shift_right
+
+# ---------------------------------------------------------------------------------------------
+# The marginalizations
+
+
+def log_prior(doc_scores: Tensor) -> Tensor:
+    """log p_η(z|x) over the k retrieved documents: ``log_softmax`` of d(z)ᵀq(x), (batch, k).
+
+    The softmax runs over the top k only: the paper's "top-k approximation" of p_η.
+    """
+    return doc_scores.log_softmax(dim=-1)
+
+
+def _masked(token_logprobs: Tensor, target_mask: Tensor) -> Tensor:
+    """Padding as a token of probability 1 under every document: log p = 0 changes no sum,
+    no product and no posterior (and never carries a −inf or NaN from beyond the target)."""
+    return torch.where(target_mask.bool().unsqueeze(1), token_logprobs, 0.0)
+
+
+def sequence_logprobs(token_logprobs: Tensor, target_mask: Tensor) -> Tensor:
+    """log p_θ(y | x, z) = Σ_i log p_θ(y_i | x, z, y_<i) over unmasked positions, (batch, k)."""
+    return _masked(token_logprobs, target_mask).sum(dim=-1)
+
+
+def rag_sequence_loss(token_logprobs: Tensor, target_mask: Tensor, doc_scores: Tensor) -> Tensor:
+    """RAG-Sequence negative log-likelihood (Eq. 1), one value per example.
+
+        −log p(y|x) = −log Σ_z p_η(z|x) Π_i p_θ(y_i | x, z, y_<i)
+                    = −logsumexp_z [ log p_η(z|x) + Σ_i log p_θ(y_i | x, z, y_<i) ]
+
+    ``token_logprobs`` (batch, k, T), ``target_mask`` (batch, T) true on scored tokens,
+    ``doc_scores`` (batch, k) unnormalised d(z)ᵀq(x). Returns (batch,).
+    """
+    return -torch.logsumexp(log_prior(doc_scores) + sequence_logprobs(token_logprobs, target_mask),
+                            dim=-1)
+
+
+def rag_token_loss(token_logprobs: Tensor, target_mask: Tensor, doc_scores: Tensor) -> Tensor:
+    """RAG-Token negative log-likelihood (Eq. 2), one value per example.
+
+        −log p(y|x) = −Σ_i log Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i)
+                    = −Σ_i logsumexp_z [ log p_η(z|x) + log p_θ(y_i | x, z, y_<i) ]
+
+    Same arguments as :func:`rag_sequence_loss`. Returns (batch,). (A padded position adds
+    −log Σ_z p_η(z|x) · 1 = 0.)
+    """
+    joint = log_prior(doc_scores).unsqueeze(-1) + _masked(token_logprobs, target_mask)
+    return -torch.logsumexp(joint, dim=1).sum(dim=-1)
+
+
+def doc_posterior(token_logprobs: Tensor, target_mask: Tensor, doc_scores: Tensor,
+                  per_token: bool = False) -> Tensor:
+    """Which documents support the answer: the posterior over the k retrieved documents.
+
+    RAG-Sequence (``per_token=False``), Bayes' rule on the whole answer, (batch, k):
+
+        p(z | x, y) ∝ p_η(z|x) Π_i p_θ(y_i | x, z, y_<i)
+
+    RAG-Token (``per_token=True``), one posterior per target token, (batch, k, T) — the paper's
+    Figure 2:
+
+        p(z | x, y_i, y_<i) ∝ p_η(z|x) p_θ(y_i | x, z, y_<i)
+
+    At masked positions (padding) there is no evidence and the per-token posterior is the prior.
+    Both sum to one over dim 1 (the documents).
+    """
+    prior = log_prior(doc_scores)
+    if per_token:
+        return (prior.unsqueeze(-1) + _masked(token_logprobs, target_mask)).softmax(dim=1)
+    return (prior + sequence_logprobs(token_logprobs, target_mask)).softmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class Answer:
+    """A decoded answer with its score and provenance.
+
+    ``score`` is log p(y|x) under the decoder's model (Eq. 1 or Eq. 2; for Fast decoding, Fast's
+    estimate of Eq. 1). ``token_ids`` are y_1 … y_T (ending with the end token unless the answer
+    hit ``max_length``). ``doc_posterior`` (k,) says which of the k retrieved documents support
+    the answer: p(z | x, y) for RAG-Sequence; for RAG-Token, the per-token posteriors averaged
+    over the answer's tokens. ``token_posterior`` (k, T) is RAG-Token's p(z | x, y_i, y_<i) for
+    every generated token (the paper's Figure 2); None for RAG-Sequence.
+    """
+
+    text: str
+    score: float
+    token_ids: list[int]
+    doc_posterior: Tensor
+    token_posterior: Tensor | None = None
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Decode without dropout, then give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _encode(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The generator's encoder, run once for all batch·k inputs: (batch·k, S, d)."""
+    return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _score(model, encoder_hidden: Tensor, encoder_mask: Tensor, rows: Tensor,
+           labels: Tensor) -> Tensor:
+    """Teacher-forced log p_θ(y_i | x, z, y_<i) reusing the encoder's output.
+
+    ``labels`` (n, T) is scored under the encoder rows ``rows`` (n, k); returns (n, k, T). This is
+    ``generator.token_logprobs`` without running the encoder again.
+    """
+    n, k = rows.shape
+    cfg = model.config
+    labels_k = labels.repeat_interleave(k, dim=0)
+    flat = rows.reshape(-1)
+    logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden[flat]),
+                   attention_mask=encoder_mask[flat],
+                   decoder_input_ids=shift_right(labels_k, cfg.decoder_start_token_id,
+                                                 cfg.pad_token_id),
+                   use_cache=False).logits
+    logprobs = logits.float().log_softmax(-1).gather(-1, labels_k.unsqueeze(-1)).squeeze(-1)
+    return logprobs.view(n, k, -1)
+
+
+def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior: Tensor,
+                 num_beams: int, max_length: int) -> list[list[tuple[list[int], float]]]:
+    """Beam search for G independent groups, each over log Σ_r p(r) p_θ(y_i | r, y_<i).
+
+    Group g owns the R consecutive encoder rows g·R … g·R+R−1 with log-weights ``log_prior[g]``
+    (G, R). RAG-Token: a group is a question and its rows are its k documents. RAG-Sequence: a
+    group is one (question, document) pair, R = 1, log-weight 0 — the generator alone.
+
+    Canonical beam search with total log-probabilities: each step expands the ``num_beams``
+    live hypotheses, keeps the best 2·num_beams continuations, moves those ending with the end
+    token (if among the best num_beams) to the finished pool, and continues with the best
+    num_beams others. At ``max_length`` every top continuation counts as finished. A group
+    stops once its num_beams finished hypotheses all score at least its best live one (log
+    probabilities only fall as a hypothesis grows). Returns, per group, up to num_beams
+    ``(token_ids, log p)`` best first.
+    """
+    n_groups, n_rows = log_prior.shape
+    beams, cfg, device = num_beams, model.config, encoder_hidden.device
+    rows = torch.arange(n_groups * n_rows, device=device).view(n_groups, 1, n_rows)
+    rows = rows.expand(n_groups, beams, n_rows).reshape(-1)  # row order: (group, beam, doc)
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden[rows])
+    attention_mask = encoder_mask[rows]
+    weights = log_prior.float()[:, None, :, None]
+
+    tokens = torch.full((n_groups, beams, 1), cfg.decoder_start_token_id, device=device)
+    scores = torch.full((n_groups, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # identical start beams: expand only the first
+    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(n_groups)]
+    done = [False] * n_groups
+    past = None
+    for step in range(max_length):
+        last = step == max_length - 1
+        out = model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                    decoder_input_ids=tokens[:, :, -1].repeat_interleave(n_rows).view(-1, 1),
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logprobs = out.logits[:, -1].float().log_softmax(-1)
+        logprobs = logprobs.view(n_groups, beams, n_rows, -1) + weights
+        # (G, beams, V): the marginal over the group's rows (a single row is its own marginal)
+        logprobs = torch.logsumexp(logprobs, dim=2) if n_rows > 1 else logprobs[:, :, 0]
+        vocab = logprobs.shape[-1]
+        cand, index = (scores.unsqueeze(-1) + logprobs).view(n_groups, -1).topk(2 * beams)
+        cand_beam, cand_token = index // vocab, index % vocab
+
+        keep = []  # per group: the best continuations that did not end, (beam, token, score)
+        for g, (c_scores, c_beams, c_tokens) in enumerate(
+                zip(cand.tolist(), cand_beam.tolist(), cand_token.tolist())):
+            kept = []
+            for rank, (s, b, y) in enumerate(zip(c_scores, c_beams, c_tokens)):
+                if y == cfg.eos_token_id or last:
+                    if rank < beams and not done[g]:
+                        finished[g].append((tokens[g, b, 1:].tolist() + [y], s))
+                elif len(kept) < beams:
+                    kept.append((b, y, s))
+            keep.append(kept)
+            best = sorted((s for _, s in finished[g]), reverse=True)[:beams]
+            if len(best) == beams and (not kept or kept[0][2] <= best[-1]):
+                done[g] = True
+        if last or all(done):
+            break
+        keep_beam = torch.tensor([[b for b, _, _ in kept] for kept in keep], device=device)
+        keep_token = torch.tensor([[y for _, y, _ in kept] for kept in keep], device=device)
+        tokens = torch.cat([tokens.gather(1, keep_beam.unsqueeze(-1).expand_as(tokens)),
+                            keep_token.unsqueeze(-1)], dim=-1)
+        scores = torch.tensor([[s for _, _, s in kept] for kept in keep], device=device)
+        # Beams move within their group and keep their document, so only the decoder's
+        # self-attention cache needs reordering; the cross-attention cache stays valid.
+        source = (torch.arange(n_groups, device=device).view(-1, 1, 1) * beams
+                  + keep_beam.unsqueeze(-1)) * n_rows
+        source = (source + torch.arange(n_rows, device=device)).view(-1)
+        past.self_attention_cache.reorder_cache(source)
+    return [sorted(f, key=lambda h: -h[1])[:beams] for f in finished]
+
+
+def _labels(hypotheses: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    batch = pad(hypotheses, pad_id)
+    return batch["input_ids"], batch["attention_mask"].bool()
+
+
+def _text(tokenizer, token_ids: list[int]) -> str:
+    return tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tensor,
+                       doc_scores: Tensor, num_beams: int = 4,
+                       max_length: int = 24) -> list[Answer]:
+    """RAG-Token decoding: beam search over log Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i) (Eq. 2).
+
+    ``input_ids``/``attention_mask`` (batch·k, S) hold each question's k generator inputs
+    consecutively (as ``generator.encode_inputs`` gives them); ``doc_scores`` (batch, k).
+    ``num_beams=1`` is greedy decoding; answers have at most ``max_length`` tokens, the end
+    token included. Returns the best answer per question, with the per-token posterior
+    p(z | x, y_i, y_<i) over the k documents as provenance (see :class:`Answer`).
+    """
+    batch, k = doc_scores.shape
+    with _eval_mode(model):
+        encoder_hidden = _encode(model, input_ids, attention_mask)
+        beams = _beam_search(model, encoder_hidden, attention_mask, log_prior(doc_scores),
+                             num_beams, max_length)
+        best = [group[0][0] for group in beams]
+        labels, target_mask = _labels(best, model.config.pad_token_id)
+        logprobs = _score(model, encoder_hidden, attention_mask,
+                          torch.arange(batch * k).view(batch, k), labels)
+        scores = -rag_token_loss(logprobs, target_mask, doc_scores)
+        posterior = doc_posterior(logprobs, target_mask, doc_scores, per_token=True)
+    return [Answer(_text(tokenizer, y), scores[i].item(), y,
+                   doc_posterior=posterior[i, :, : len(y)].mean(-1),
+                   token_posterior=posterior[i, :, : len(y)])
+            for i, y in enumerate(best)]
+
+
+def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tensor,
+                          doc_scores: Tensor, num_beams: int = 4, max_length: int = 24,
+                          method: str = "thorough") -> list[Answer]:
+    """RAG-Sequence decoding (Eq. 1): beam search per document, then marginalize.
+
+    1. Run beam search under each retrieved document z alone, giving up to ``num_beams``
+       hypotheses per document with their log p_θ(y | x, z); the candidates Y are their union.
+    2. ``method="thorough"``: score every y ∈ Y under every document with one teacher-forced
+       pass, then p(y|x) = Σ_z p_η(z|x) p_θ(y | x, z) exactly.
+       ``method="fast"``: no extra pass; p_θ(y | x, z) ≈ 0 when y is not in z's beam, so
+       p(y|x) ≈ Σ_{z : y ∈ beam(z)} p_η(z|x) p_θ(y | x, z) — a lower bound on Thorough's value.
+    3. Return the y with the highest p(y|x), with p(z | x, y) over the k documents.
+
+    Arguments as in :func:`rag_token_generate`; ``num_beams=1`` is greedy per document.
+    """
+    if method not in ("thorough", "fast"):
+        raise ValueError(f"method must be 'thorough' or 'fast', not {method!r}")
+    batch, k = doc_scores.shape
+    with _eval_mode(model):
+        encoder_hidden = _encode(model, input_ids, attention_mask)
+        per_doc = _beam_search(model, encoder_hidden, attention_mask,
+                               doc_scores.new_zeros(batch * k, 1), num_beams, max_length)
+        # candidates[q]: distinct hypotheses of question q; beam_logprobs[q]: (|Y|, k)
+        candidates, beam_logprobs = [], []
+        for q in range(batch):
+            found: dict[tuple[int, ...], Tensor] = {}
+            for z in range(k):
+                for y, s in per_doc[q * k + z]:
+                    found.setdefault(tuple(y), torch.full((k,), float("-inf")))[z] = s
+            candidates.append([list(y) for y in found])
+            beam_logprobs.append(torch.stack(list(found.values())))
+
+        if method == "thorough":
+            flat = [y for ys in candidates for y in ys]
+            owner = torch.tensor([q for q, ys in enumerate(candidates) for _ in ys])
+            labels, target_mask = _labels(flat, model.config.pad_token_id)
+            rows = owner.view(-1, 1) * k + torch.arange(k)
+            seq_logprobs = sequence_logprobs(
+                _score(model, encoder_hidden, attention_mask, rows, labels), target_mask)
+            beam_logprobs = list(seq_logprobs.split([len(ys) for ys in candidates]))
+
+    answers = []
+    for q, (ys, logp) in enumerate(zip(candidates, beam_logprobs)):
+        joint = log_prior(doc_scores[q]) + logp  # (|Y|, k): log p_η(z|x) p_θ(y|x,z)
+        marginal = torch.logsumexp(joint, dim=-1)
+        best = int(marginal.argmax())
+        answers.append(Answer(_text(tokenizer, ys[best]), marginal[best].item(), ys[best],
+                              joint[best].softmax(-1)))
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------
+# The peer
+
+
+def transformers_rag(generator, n_docs: int, marginalization: str = "sequence"):
+    """transformers' ``RagSequenceForGeneration`` / ``RagTokenForGeneration`` around the very
+    same ``generator`` object, to check ragbook's numbers against.
+
+    Call it with ``context_input_ids``/``context_attention_mask`` (batch·n_docs, S),
+    ``doc_scores`` (batch, n_docs) and ``labels`` = ragbook's labels with the decoder start token
+    in front (transformers feeds labels to the decoder unshifted and scores them shifted left).
+    Its question encoder, a one-layer stand-in, is never used when doc scores are given.
+    """
+    from transformers import DPRConfig, RagConfig, RagSequenceForGeneration, RagTokenForGeneration
+
+    classes = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
+    question_encoder = DPRConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                                 num_attention_heads=1, intermediate_size=8, projection_dim=0)
+    config = RagConfig.from_question_encoder_generator_configs(
+        question_encoder, generator.config, n_docs=n_docs, retrieval_vector_size=8)
+    for name in ("bos_token_id", "pad_token_id", "eos_token_id", "decoder_start_token_id",
+                 "vocab_size"):
+        setattr(config, name, getattr(generator.config, name))  # generate reads them here
+    return classes[marginalization](config, generator=generator).train(generator.training)
