@@ -6,8 +6,10 @@ Run ``ragbook --help`` for the subcommands and ``ragbook SUBCOMMAND --help`` for
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from . import data
 
@@ -48,6 +50,162 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- index and search
+
+
+def _load_corpus_arg(corpus: str) -> list[data.Passage]:
+    """Passages from ``--corpus``: "builtin", JSONL / plain text, or SQuAD-format JSON."""
+    if corpus == "builtin":
+        return data.load_corpus()
+    path = Path(corpus)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            blob = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            blob = None  # perhaps JSONL under a .json name: load_passages reports its errors
+        if isinstance(blob, dict) and "data" in blob:
+            if not isinstance(blob["data"], list):
+                raise data.DataError(f"{path}: not SQuAD format; \"data\" must be a list")
+            try:
+                passages = data.passages_from_squad(path)
+            except (KeyError, TypeError, AttributeError):
+                raise data.DataError(f"{path}: malformed SQuAD file; each article needs "
+                                     "\"paragraphs\" with a \"context\"") from None
+            if not passages:
+                raise data.DataError(f"{path}: no paragraphs found in this SQuAD file")
+            return passages
+    return data.load_passages(path)
+
+
+def _save_bm25(retriever, passages: list[data.Passage], out: Path) -> None:
+    """bm25s's own files (numpy arrays and JSON, no pickle) plus the passages and a meta.json
+    with their fingerprint, so that `ragbook search` can check they belong together."""
+    from .index import META_FILE, PASSAGES_FILE, corpus_fingerprint
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)
+    retriever.model.save(str(out / "bm25"), show_progress=False)
+    with open(out / PASSAGES_FILE, "w", encoding="utf-8") as f:
+        for p in passages:
+            f.write(json.dumps({"id": p.id, "title": p.title, "text": p.text},
+                               ensure_ascii=False) + "\n")
+    meta = {"format": 1, "retriever": "bm25", "kind": "bm25", "count": len(passages),
+            "fingerprint": corpus_fingerprint(passages)}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _load_bm25(directory: Path, meta: dict):
+    import bm25s
+
+    from .index import PASSAGES_FILE, corpus_fingerprint
+    from .retriever import BM25Retriever
+
+    hint = "rebuild it with `ragbook index --retriever bm25`"
+    path = directory / PASSAGES_FILE
+    if not path.is_file() or not (directory / "bm25").is_dir():
+        raise data.DataError(f"{directory}: the BM25 index is incomplete; {hint}")
+    with open(path, encoding="utf-8") as f:
+        passages = [data.Passage(**json.loads(line)) for line in f if line.strip()]
+    if len(passages) != meta.get("count") or corpus_fingerprint(passages) != meta.get(
+            "fingerprint"):
+        raise data.DataError(f"{path}: the passages do not match the BM25 index; {hint}")
+    retriever = BM25Retriever.__new__(BM25Retriever)  # load, don't re-index
+    retriever.passages = passages
+    retriever.model = bm25s.BM25.load(str(directory / "bm25"), show_progress=False)
+    return retriever
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .config import get_preset
+
+    passages = _load_corpus_arg(args.corpus)
+    out = Path(args.out)
+    print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
+    if args.retriever == "bm25":
+        from .retriever import BM25Retriever
+
+        _save_bm25(BM25Retriever(passages), passages, out)
+        print(f"BM25 index of {len(passages):,} passages -> {out}")
+        return 0
+    from .index import DenseIndex
+    from .retriever import passage_embeddings
+
+    preset = get_preset(args.preset)
+    vectors = passage_embeddings(preset, passages)  # cached per (encoder, corpus)
+    meta = {"encoder": preset.doc_encoder, "query_encoder": preset.query_encoder,
+            "pooling": preset.pooling, "normalize": preset.normalize, "preset": preset.name,
+            "max_query_length": preset.max_query_length, "corpus": args.corpus,
+            "retriever": "dense"}
+    index = DenseIndex.build(vectors, passages, kind=args.index_type, metadata=meta)
+    index.save(out)
+    print(f"{index.kind} index of {len(index):,} passages ({index.dim} dims, encoder "
+          f"{index.encoder}) -> {out}")
+    return 0
+
+
+def _open_retriever(directory: Path):
+    """A retriever with ``.search(questions, k)`` for an index directory (dense or BM25)."""
+    from .index import META_FILE, DenseIndex
+
+    meta_path = directory / META_FILE
+    meta = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise data.DataError(f"{meta_path}: unreadable metadata; rebuild the index with "
+                                 "`ragbook index`") from None
+    if meta.get("retriever") == "bm25":
+        return _load_bm25(directory, meta)
+    from .retriever import DenseRetriever, Encoder
+
+    index = DenseIndex.load(directory)
+    name = index.metadata.get("query_encoder") or index.encoder
+    if name is None:
+        raise data.DataError(f"{directory}: the index does not name its encoder; rebuild it "
+                             "with `ragbook index`")
+    encoder = Encoder(name, index.metadata.get("pooling") or "mean",
+                      bool(index.metadata.get("normalize")),
+                      index.metadata.get("max_query_length") or 64)
+    index.check_encoder(encoder, where=f"the index at {directory}")
+    return DenseRetriever(encoder, index)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    if args.questions:
+        examples = data.load_examples(args.questions)
+    elif args.question:
+        examples = [data.Example(question=" ".join(args.question))]
+    else:
+        raise data.DataError("give a question, or a file of questions with --questions FILE")
+    if args.k < 1:
+        raise data.DataError(f"-k must be at least 1, got {args.k}")
+    retriever = _open_retriever(Path(args.index))
+    batches = range(0, len(examples), args.batch_size)
+    for start in tqdm(batches, desc="search", unit="batch", file=sys.stderr,
+                      disable=len(batches) < 2):
+        batch = examples[start:start + args.batch_size]
+        found = retriever.search([e.question for e in batch], args.k)
+        for e, passages, scores in zip(batch, found.passages, found.scores.tolist()):
+            hits = [{"id": p.id, "title": p.title, "text": p.text, "score": round(s, 4)}
+                    for p, s in zip(passages, scores)]
+            if args.json:
+                record = {"question": e.question}
+                if e.answers:
+                    record["answers"] = e.answers
+                record["passages"] = hits
+                print(json.dumps(record, ensure_ascii=False))
+                continue
+            print(f"Q: {e.question}" + (f"   (answers: {e.answers})" if e.answers else ""))
+            for rank, h in enumerate(hits, 1):
+                text = h["text"] if len(h["text"]) <= 160 else h["text"][:157] + "..."
+                print(f"  {rank:>2}. {h['score']:8.4f}  [{h['title']}] {text}")
+            print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragbook",
@@ -76,6 +234,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "index", help="index a corpus (built-in or your own) for retrieval",
+        description="Encode every passage with the preset's document encoder BERT_d and store "
+        "the vectors in a FAISS index for maximum inner product search (or build a BM25 "
+        "index). Corpus formats: JSONL lines {\"id\", \"title\", \"text\"}, plain text "
+        "(paragraphs split on blank lines), SQuAD-format JSON (its contexts), or `builtin`.")
+    p.add_argument("--corpus", required=True, help="FILE (.jsonl, .txt, SQuAD .json) or builtin")
+    p.add_argument("--out", required=True, help="directory to write the index into")
+    p.add_argument("--retriever", choices=("dense", "bm25"), default="dense")
+    p.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq"), default="flat",
+                   help="flat: exact; hnsw: fast approximate graph; ivfpq: compressed")
+    p.add_argument("--preset", default="tiny", help="tiny (offline) or paper")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "search", help="retrieve the top passages for questions from an index",
+        description="Print the top-k passages and their scores for a question, or with "
+        "--questions FILE (JSONL {\"question\", \"answers\"} or SQuAD JSON) and --json, one "
+        "JSON object per line: question, gold answers, passages (id, title, text, score).")
+    p.add_argument("--index", required=True, help="a directory written by `ragbook index`")
+    p.add_argument("question", nargs="*", help="a question (quote it)")
+    p.add_argument("--questions", help="a file of questions (JSONL or SQuAD JSON)")
+    p.add_argument("-k", type=int, default=5, help="passages per question (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_search)
     return parser
 
 

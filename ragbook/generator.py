@@ -9,10 +9,15 @@ Each retrieved passage z is fed to the generator together with the question x as
 ``"title / text // question"`` (the paper concatenates z and x); the question always survives
 truncation. :func:`token_logprobs` scores a target y under every retrieved document in one
 batched forward pass: the (batch, k, T) tensor that both marginalizations in ``rag.py`` consume.
+
+With no retrieval at all the generator is the paper's closed-book BART baseline:
+:func:`finetune_closed_book` trains it on (question, answer) pairs and :func:`generate_answers`
+answers by beam search from parametric memory alone.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -24,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .data import Passage
+from .data import Example, Passage
 
 SHIPPED = Path(__file__).parent / "weights" / "tiny-bart"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -34,12 +39,15 @@ def train_tokenizer(texts, vocab_size: int = 8192) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE vocabulary (BART's kind, ~8k pieces) on ``texts``.
 
     A small vocabulary matters on a CPU: the output softmax is most of the generator's cost.
+    Every word starts with a space (``add_prefix_space``: "Paris" is the same piece at the start
+    of a text as after a space); the decoder removes the space it added, so ``decode(encode(t))``
+    gives ``t`` back exactly (for any ``t`` that does not itself start with a space).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
+    tok.decoder = _exact_decoder()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -49,6 +57,23 @@ def train_tokenizer(texts, vocab_size: int = 8192) -> PreTrainedTokenizerFast:
         special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+def _exact_decoder():
+    """Byte-level decoding that drops the one space ``add_prefix_space`` put in front."""
+    from tokenizers import decoders
+
+    return decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+
+
+def _fix_decoding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer saved with a plain byte-level decoder (one that returns a leading
+    space) the exact decoder of :func:`train_tokenizer`. Encoding is unchanged."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and getattr(backend.pre_tokenizer, "add_prefix_space", False)
+            and type(backend.decoder).__name__ == "ByteLevel"):
+        backend.decoder = _exact_decoder()
+    return tokenizer
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerBase, d_model: int = 256, layers: int = 2,
@@ -74,7 +99,7 @@ def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
     if name == "tiny" and not (SHIPPED / "config.json").exists():
         raise FileNotFoundError(
             f"{SHIPPED} holds no generator; rebuild it with `ragbook pretrain --out {SHIPPED}`")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _fix_decoding(AutoTokenizer.from_pretrained(path))
     model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return model.to(device), tokenizer
 
@@ -89,22 +114,45 @@ def format_input(passage: Passage | None, question: str) -> str:
     return f"{passage.title} / {passage.text} // {question}"
 
 
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after one sequence (BART: ``<s>`` … ``</s>``).
+
+    Read off the tokenizer itself, so the same code serves the tiny BART, ``facebook/bart-large``
+    and any other seq2seq vocabulary.
+    """
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    raise ValueError("cannot locate the text among the tokenizer's special tokens")
+
+
 def encode_inputs(tokenizer: PreTrainedTokenizerBase, passages: list[Passage | None],
                   questions: list[str], max_length: int) -> dict[str, Tensor]:
     """Tokenize ``format_input`` pairs, truncating the passage (never the question) to fit.
 
-    Returns ``input_ids`` and ``attention_mask`` of shape (len(questions), ≤ max_length).
+    The passage's text is cut, not the ``" //"`` that separates it from the question, so the
+    generator always sees where the question starts. Only a question longer than
+    ``max_length`` on its own is cut (at its end). Returns ``input_ids`` and ``attention_mask``
+    of shape (len(questions), ≤ max_length).
     """
-    n_special = tokenizer.num_special_tokens_to_add()
-    docs = [f"{p.title} / {p.text} //" if p is not None else "" for p in passages]
+    if len(passages) != len(questions):
+        raise ValueError(f"{len(passages)} passages for {len(questions)} questions; "
+                         "give one passage (or None) per question")
+    prefix, suffix = special_tokens(tokenizer)
+    room = max_length - len(prefix) - len(suffix)
+    sep = tokenizer(" //", add_special_tokens=False)["input_ids"]
+    docs = [f"{p.title} / {p.text}" if p is not None else "" for p in passages]
     doc_ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    q_ids = tokenizer([" " + q if d else q for q, d in zip(questions, docs)],
+    q_ids = tokenizer([" " + q if p is not None else q for q, p in zip(questions, passages)],
                       add_special_tokens=False)["input_ids"]
     rows = []
-    for d, q in zip(doc_ids, q_ids):
-        q = q[: max_length - n_special]
-        budget = max_length - n_special - len(q)
-        rows.append(tokenizer.build_inputs_with_special_tokens(d[:budget] + q))
+    for p, d, q in zip(passages, doc_ids, q_ids):
+        q = q[:room]
+        budget = room - len(q) - len(sep)
+        body = d[:budget] + sep + q if p is not None and budget > 0 else q
+        rows.append(prefix + body + suffix)
     return pad(rows, tokenizer.pad_token_id)
 
 
@@ -129,11 +177,14 @@ def pad(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
 
 
 def shift_right(labels: Tensor, decoder_start_token_id: int, pad_token_id: int) -> Tensor:
-    """Decoder inputs for teacher forcing: ``[start, y_1 … y_{T-1}]``."""
+    """Decoder inputs for teacher forcing: ``[start, y_1 … y_{T-1}]``.
+
+    Labels may mark ignored positions with -100 (the Hugging Face convention); they become pad.
+    """
     out = labels.new_full(labels.shape, pad_token_id)
     out[:, 1:] = labels[:, :-1]
     out[:, 0] = decoder_start_token_id
-    return out
+    return out.masked_fill(out == -100, pad_token_id)
 
 
 def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
@@ -145,6 +196,9 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
     target's end hold the log-probability of the pad token: mask them with ``target_mask``.
     """
     batch, n_docs = labels.shape[0], input_ids.shape[0] // labels.shape[0]
+    if batch * n_docs != input_ids.shape[0]:
+        raise ValueError(f"{input_ids.shape[0]} inputs for {batch} targets: expected k inputs "
+                         "per target (batch·k rows)")
     labels_k = labels.repeat_interleave(n_docs, dim=0)
     cfg = model.config
     decoder_input_ids = shift_right(labels_k, cfg.decoder_start_token_id, cfg.pad_token_id)
@@ -152,3 +206,84 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
                    decoder_input_ids=decoder_input_ids, use_cache=False).logits
     logprobs = logits.float().log_softmax(-1).gather(-1, labels_k.unsqueeze(-1)).squeeze(-1)
     return logprobs.view(batch, n_docs, -1)
+
+
+# --------------------------------------------------------------------------- closed book
+
+
+def finetune_closed_book(model: BartForConditionalGeneration,
+                         tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+                         steps: int, batch_size: int = 32, lr: float = 3e-4,
+                         max_source_length: int = 48, max_target_length: int = 24,
+                         seed: int = 0, progress: bool = True) -> list[float]:
+    """Fine-tune the generator on (x, y) pairs with no retrieval: the paper's BART baseline.
+
+    The generator answers from its parametric memory alone, p_θ(y | x) = Π_i p_θ(y_i | x, y_<i);
+    the loss is −log p_θ(y_i | x, y_<i) averaged over target tokens, the target being each
+    example's first answer. AdamW at a constant ``lr``: 3e-4 works for the tiny BART, 1e-3
+    collapses it to one output for every question. Batches walk through ``examples`` in an order
+    shuffled with ``seed``, epoch after epoch. Returns the loss of every step; the model is left
+    in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("no examples to fine-tune on")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    order: list[int] = []
+    history = []
+    model.train()
+    for _ in tqdm(range(steps), desc="closed-book fine-tuning", disable=not progress):
+        while len(order) < batch_size:
+            epoch = list(range(len(examples)))
+            rng.shuffle(epoch)
+            order += epoch
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        src = encode_inputs(tokenizer, [None] * len(batch), [e.question for e in batch],
+                            max_source_length)
+        tgt = encode_targets(tokenizer, [e.answers[0] for e in batch], max_target_length)
+        logprobs = token_logprobs(model, src["input_ids"].to(device),
+                                  src["attention_mask"].to(device),
+                                  tgt["labels"].to(device))[:, 0]  # k = 1 "document": none
+        mask = tgt["target_mask"].to(device)
+        loss = -(logprobs * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append(loss.item())
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def generate_answers(model: BartForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                     questions: list[str], passages: list[Passage | None] | None = None,
+                     num_beams: int = 4, max_length: int = 24, *, max_source_length: int = 48,
+                     batch_size: int = 32) -> list[str]:
+    """Answer each question by plain seq2seq beam search, in batches.
+
+    Closed-book when ``passages`` is None (the question alone); otherwise one passage (or None)
+    per question, fed as ``"title / text // question"`` — e.g. the gold passage, to see the
+    generator as a reader. ``max_length`` bounds the answer's new tokens. No marginalization
+    over documents: that is ``rag.py``'s job.
+    """
+    passages = [None] * len(questions) if passages is None else list(passages)
+    if len(passages) != len(questions):
+        raise ValueError(f"{len(passages)} passages for {len(questions)} questions")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers = []
+    for i in range(0, len(questions), batch_size):
+        enc = encode_inputs(tokenizer, passages[i:i + batch_size], questions[i:i + batch_size],
+                            max_source_length)
+        out = model.generate(input_ids=enc["input_ids"].to(device),
+                             attention_mask=enc["attention_mask"].to(device),
+                             num_beams=num_beams, max_new_tokens=max_length, do_sample=False)
+        answers += [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    model.train(was_training)
+    return answers

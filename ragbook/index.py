@@ -18,7 +18,7 @@ Three FAISS index kinds, all with the inner-product metric:
   product-quantization code of ``pq_m`` bytes (d/8 sub-vectors of 8 bits): 32× smaller than
   flat at d = 384. ``nprobe`` cells are visited per question. With ``rerank=True`` an
   ``IndexRefineFlat`` keeps the raw vectors too and re-scores the best ``k_factor``·k
-  candidates exactly — recall of a flat index, speed of IVF-PQ, but flat's memory again.
+  candidates exactly: near-exact recall at IVF-PQ's speed, but flat's memory again.
 
 An index on disk is a directory: ``index.faiss`` (FAISS's own format, ``faiss.write_index``),
 ``meta.json`` (encoder, pooling, dimension, metric, kind, sizes and checksums) and
@@ -52,8 +52,8 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 PQ_NBITS, IVF_NPROBE, REFINE_K_FACTOR = 8, 32, 8
 
 
-class Encoder(Protocol):
-    """What the index needs to know of a query encoder (ragbook.retriever's encoders)."""
+class QueryEncoder(Protocol):
+    """What the index needs to know of a query encoder (e.g. ``ragbook.retriever.Encoder``)."""
 
     name: str
     dim: int
@@ -165,9 +165,16 @@ class DenseIndex:
         return (f"DenseIndex(kind={self.kind!r}, passages={len(self):,}, dim={self.dim}, "
                 f"encoder={self.encoder!r})")
 
-    def nbytes(self) -> int:
-        """Size of the FAISS index in bytes (its serialized form: vectors, codes, graph)."""
-        return int(faiss.serialize_index(self.index).size)
+    def nbytes(self, rerank_vectors: bool = True) -> int:
+        """Size of the FAISS index in bytes (its serialized form: vectors, codes, graph).
+
+        ``rerank_vectors=False`` leaves out the raw vectors that an IVF-PQ index with
+        re-ranking keeps beside its codes: the size of the compressed index alone.
+        """
+        index = self.index
+        if not rerank_vectors and self.metadata.get("rerank"):
+            index = faiss.downcast_index(index).base_index
+        return int(faiss.serialize_index(index).size)
 
     # ------------------------------------------------------------------ build and search
 
@@ -252,7 +259,7 @@ class DenseIndex:
 
     # ------------------------------------------------------------------ encoders and swap
 
-    def check_encoder(self, encoder: Encoder, where: str = "this index") -> None:
+    def check_encoder(self, encoder: QueryEncoder, where: str = "this index") -> None:
         """Refuse a query encoder that does not live in the index's vector space."""
         meta = self.metadata
         accepted = {meta.get("encoder"), meta.get("query_encoder")} - {None}
@@ -320,7 +327,7 @@ class DenseIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, encoder: Encoder | None = None) -> DenseIndex:
+    def load(cls, directory: str | Path, encoder: QueryEncoder | None = None) -> DenseIndex:
         """Read an index saved by :meth:`save`, verifying every file before FAISS sees it.
 
         With ``encoder``, also refuse a query encoder whose name or dimension differs from the

@@ -182,70 +182,79 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     token (if among the best num_beams) to the finished pool, and continues with the best
     num_beams others. At ``max_length`` every top continuation counts as finished. A group
     stops once its num_beams finished hypotheses all score at least its best live one (log
-    probabilities only fall as a hypothesis grows). Returns, per group, up to num_beams
-    ``(token_ids, log p)`` best first.
+    probabilities only fall as a hypothesis grows), and leaves the batch. Returns, per group,
+    up to num_beams ``(token_ids, log p)`` best first.
     """
     n_groups, n_rows = log_prior.shape
     beams, cfg, device = num_beams, model.config, encoder_hidden.device
-    rows = torch.arange(n_groups * n_rows, device=device).view(n_groups, 1, n_rows)
-    rows = rows.expand(n_groups, beams, n_rows).reshape(-1)  # row order: (group, beam, doc)
-    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden[rows])
-    attention_mask = encoder_mask[rows]
-    weights = log_prior.float()[:, None, :, None]
+    all_beams = torch.arange(beams, device=device)
 
+    def rows_of(groups: Tensor, beam: Tensor) -> Tensor:
+        """Batch rows of (group, beam, document), in that order, for each group's beams."""
+        return ((groups.view(-1, 1, 1) * beams + beam.unsqueeze(-1)) * n_rows
+                + torch.arange(n_rows, device=device)).view(-1)
+
+    active = torch.arange(n_groups, device=device)  # the groups still searching
+    documents = torch.arange(n_groups * n_rows, device=device).view(n_groups, 1, n_rows)
+    documents = documents.expand(n_groups, beams, n_rows).reshape(-1)  # each row's encoder row
+    hidden, mask = encoder_hidden[documents], encoder_mask[documents]
+    weights = log_prior.float()[:, None, :, None]
     tokens = torch.full((n_groups, beams, 1), cfg.decoder_start_token_id, device=device)
     scores = torch.full((n_groups, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # identical start beams: expand only the first
     finished: list[list[tuple[list[int], float]]] = [[] for _ in range(n_groups)]
-    done = [False] * n_groups
     past = None
     for step in range(max_length):
         last = step == max_length - 1
-        out = model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                    decoder_input_ids=tokens[:, :, -1].repeat_interleave(n_rows).view(-1, 1),
-                    past_key_values=past, use_cache=True)
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                    attention_mask=mask, past_key_values=past, use_cache=True,
+                    decoder_input_ids=tokens[:, :, -1].repeat_interleave(n_rows).view(-1, 1))
         past = out.past_key_values
         logprobs = out.logits[:, -1].float().log_softmax(-1)
-        logprobs = logprobs.view(n_groups, beams, n_rows, -1) + weights
-        # (G, beams, V): the marginal over the group's rows (a single row is its own marginal)
+        logprobs = logprobs.view(len(active), beams, n_rows, -1) + weights[active]
+        # (groups, beams, V): the marginal over the group's rows (one row is its own marginal)
         logprobs = torch.logsumexp(logprobs, dim=2) if n_rows > 1 else logprobs[:, :, 0]
         vocab = logprobs.shape[-1]
-        cand, index = (scores.unsqueeze(-1) + logprobs).view(n_groups, -1).topk(2 * beams)
-        cand_beam, cand_token = index // vocab, index % vocab
+        cand, index = (scores.unsqueeze(-1) + logprobs).view(len(active), -1).topk(2 * beams)
 
-        keep = []  # per group: the best continuations that did not end, (beam, token, score)
-        for g, (c_scores, c_beams, c_tokens) in enumerate(
-                zip(cand.tolist(), cand_beam.tolist(), cand_token.tolist())):
+        keep, going = [], []  # the best continuations that did not end, (beam, token, score)
+        for a, (g, c_scores, c_index) in enumerate(
+                zip(active.tolist(), cand.tolist(), index.tolist())):
             kept = []
-            for rank, (s, b, y) in enumerate(zip(c_scores, c_beams, c_tokens)):
+            for rank, (s, i) in enumerate(zip(c_scores, c_index)):
+                b, y = divmod(i, vocab)
                 if y == cfg.eos_token_id or last:
-                    if rank < beams and not done[g]:
-                        finished[g].append((tokens[g, b, 1:].tolist() + [y], s))
+                    if rank < beams:
+                        finished[g].append((tokens[a, b, 1:].tolist() + [y], s))
                 elif len(kept) < beams:
                     kept.append((b, y, s))
-            keep.append(kept)
             best = sorted((s for _, s in finished[g]), reverse=True)[:beams]
-            if len(best) == beams and (not kept or kept[0][2] <= best[-1]):
-                done[g] = True
-        if last or all(done):
+            if not last and (len(best) < beams or kept[0][2] > best[-1]):
+                keep.append(kept)
+                going.append(a)
+        if not going:
             break
+        going = torch.tensor(going, device=device)
         keep_beam = torch.tensor([[b for b, _, _ in kept] for kept in keep], device=device)
         keep_token = torch.tensor([[y for _, y, _ in kept] for kept in keep], device=device)
-        tokens = torch.cat([tokens.gather(1, keep_beam.unsqueeze(-1).expand_as(tokens)),
-                            keep_token.unsqueeze(-1)], dim=-1)
+        tokens = torch.cat([tokens[going].gather(1, keep_beam.unsqueeze(-1).expand(
+            -1, -1, tokens.shape[-1])), keep_token.unsqueeze(-1)], dim=-1)
         scores = torch.tensor([[s for _, _, s in kept] for kept in keep], device=device)
-        # Beams move within their group and keep their document, so only the decoder's
-        # self-attention cache needs reordering; the cross-attention cache stays valid.
-        source = (torch.arange(n_groups, device=device).view(-1, 1, 1) * beams
-                  + keep_beam.unsqueeze(-1)) * n_rows
-        source = (source + torch.arange(n_rows, device=device)).view(-1)
-        past.self_attention_cache.reorder_cache(source)
+        # Beams move within their group and keep their document: the self-attention cache
+        # follows the surviving beams; the cross-attention cache and the encoder states only
+        # lose the rows of groups that have finished.
+        past.self_attention_cache.reorder_cache(rows_of(going, keep_beam))
+        if len(going) < len(active):
+            still = rows_of(going, all_beams.expand(len(going), beams))
+            past.cross_attention_cache.reorder_cache(still)
+            hidden, mask = hidden[still], mask[still]
+        active = active[going]
     return [sorted(f, key=lambda h: -h[1])[:beams] for f in finished]
 
 
-def _labels(hypotheses: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def _labels(hypotheses: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     batch = pad(hypotheses, pad_id)
-    return batch["input_ids"], batch["attention_mask"].bool()
+    return batch["input_ids"].to(device), batch["attention_mask"].bool().to(device)
 
 
 def _text(tokenizer, token_ids: list[int]) -> str:
@@ -269,11 +278,11 @@ def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tens
         beams = _beam_search(model, encoder_hidden, attention_mask, log_prior(doc_scores),
                              num_beams, max_length)
         best = [group[0][0] for group in beams]
-        labels, target_mask = _labels(best, model.config.pad_token_id)
+        labels, target_mask = _labels(best, model.config.pad_token_id, input_ids.device)
         logprobs = _score(model, encoder_hidden, attention_mask,
-                          torch.arange(batch * k).view(batch, k), labels)
-        scores = -rag_token_loss(logprobs, target_mask, doc_scores)
-        posterior = doc_posterior(logprobs, target_mask, doc_scores, per_token=True)
+                          torch.arange(batch * k, device=input_ids.device).view(batch, k), labels)
+        scores = -rag_token_loss(logprobs, target_mask, doc_scores).cpu()
+        posterior = doc_posterior(logprobs, target_mask, doc_scores, per_token=True).cpu()
     return [Answer(_text(tokenizer, y), scores[i].item(), y,
                    doc_posterior=posterior[i, :, : len(y)].mean(-1),
                    token_posterior=posterior[i, :, : len(y)])
@@ -313,17 +322,19 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
             beam_logprobs.append(torch.stack(list(found.values())))
 
         if method == "thorough":
+            device = input_ids.device
             flat = [y for ys in candidates for y in ys]
-            owner = torch.tensor([q for q, ys in enumerate(candidates) for _ in ys])
-            labels, target_mask = _labels(flat, model.config.pad_token_id)
-            rows = owner.view(-1, 1) * k + torch.arange(k)
+            owner = torch.tensor([q for q, ys in enumerate(candidates) for _ in ys], device=device)
+            labels, target_mask = _labels(flat, model.config.pad_token_id, device)
+            rows = owner.view(-1, 1) * k + torch.arange(k, device=device)
             seq_logprobs = sequence_logprobs(
                 _score(model, encoder_hidden, attention_mask, rows, labels), target_mask)
-            beam_logprobs = list(seq_logprobs.split([len(ys) for ys in candidates]))
+            beam_logprobs = list(seq_logprobs.cpu().split([len(ys) for ys in candidates]))
 
     answers = []
+    priors = log_prior(doc_scores.detach().float().cpu())
     for q, (ys, logp) in enumerate(zip(candidates, beam_logprobs)):
-        joint = log_prior(doc_scores[q]) + logp  # (|Y|, k): log p_η(z|x) p_θ(y|x,z)
+        joint = priors[q] + logp  # (|Y|, k): log p_η(z|x) p_θ(y|x,z)
         marginal = torch.logsumexp(joint, dim=-1)
         best = int(marginal.argmax())
         answers.append(Answer(_text(tokenizer, ys[best]), marginal[best].item(), ys[best],

@@ -1,0 +1,101 @@
+"""`ragbook index` and `ragbook search` on a tiny own corpus, dense (real MiniLM) and BM25."""
+
+import json
+
+import pytest
+
+from ragbook import cli
+
+PASSAGES = [
+    ("paris", "Paris", "Paris is the capital and largest city of France, on the Seine."),
+    ("berlin", "Berlin", "Berlin is the capital of Germany and its largest city."),
+    ("everest", "Mount Everest", "Mount Everest is Earth's highest mountain above sea level."),
+    ("photo", "Photosynthesis", "Plants use sunlight, water and carbon dioxide to make sugar."),
+    ("jupiter", "Jupiter", "Jupiter is the fifth planet from the Sun and the largest one."),
+    ("violin", "Violin", "The violin is a wooden string instrument played with a bow."),
+    ("python", "Python", "Python is a programming language known for its readability."),
+    ("nile", "Nile", "The Nile is a major river in Africa, flowing into the Mediterranean."),
+]
+QUESTIONS = [("What is the highest mountain on Earth?", "everest"),
+             ("Which string instrument is played with a bow?", "violin")]
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGBOOK_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "title": t, "text": x}) + "\n"
+                              for i, t, x in PASSAGES))
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": q, "answers": [a]}) + "\n"
+                                 for q, a in QUESTIONS))
+    return tmp_path, corpus, questions
+
+
+def _search_json(capsys, index, questions, k=3):
+    capsys.readouterr()
+    assert cli.main(["search", "--index", str(index), "--questions", str(questions),
+                     "-k", str(k), "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_dense_index_then_search_json(files, capsys):
+    tmp, corpus, questions = files
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "ix"),
+                     "--index-type", "hnsw"]) == 0
+    meta = json.loads((tmp / "ix" / "meta.json").read_text())
+    assert meta["kind"] == "hnsw" and meta["count"] == len(PASSAGES) and meta["dim"] == 384
+    records = _search_json(capsys, tmp / "ix", questions)
+    assert [r["question"] for r in records] == [q for q, _ in QUESTIONS]
+    for record, (_, gold) in zip(records, QUESTIONS):
+        assert record["answers"] == [gold]
+        assert len(record["passages"]) == 3
+        assert set(record["passages"][0]) == {"id", "title", "text", "score"}
+        assert record["passages"][0]["id"] == gold
+        scores = [p["score"] for p in record["passages"]]
+        assert scores == sorted(scores, reverse=True)
+    assert cli.main(["search", "--index", str(tmp / "ix"), "largest", "planet", "-k", "1"]) == 0
+    assert "[Jupiter]" in capsys.readouterr().out
+
+
+def test_bm25_index_then_search_json(files, capsys):
+    tmp, corpus, questions = files
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "bm"),
+                     "--retriever", "bm25"]) == 0
+    records = _search_json(capsys, tmp / "bm", questions, k=2)
+    assert [r["passages"][0]["id"] for r in records] == [a for _, a in QUESTIONS]
+
+
+def test_squad_and_plain_text_corpora_are_read(tmp_path, capsys):
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "Nile", "paragraphs": [
+        {"context": "The Nile flows north into the Mediterranean.", "qas": []}]}]}))
+    text = tmp_path / "notes.txt"
+    text.write_text("First paragraph about violins.\n\nSecond paragraph about rivers.\n")
+    for corpus, n in ((squad, 1), (text, 2)):
+        out = tmp_path / corpus.stem
+        assert cli.main(["index", "--corpus", str(corpus), "--out", str(out),
+                         "--retriever", "bm25"]) == 0
+        assert json.loads((out / "meta.json").read_text())["count"] == n
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["index", "--corpus", "{tmp}/missing.jsonl", "--out", "{tmp}/o"], "no such file"),
+    (["index", "--corpus", "{tmp}/bad.json", "--out", "{tmp}/o"], "not SQuAD format"),
+    (["search", "--index", "{tmp}/nowhere", "a question"], "no such index directory"),
+    (["search", "--index", "{tmp}", "--json"], "give a question"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, argv, message):
+    (tmp_path / "bad.json").write_text(json.dumps({"data": {"not": "a list"}}))
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_search_refuses_a_corrupted_index(files, capsys):
+    tmp, corpus, questions = files
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "bm"),
+                     "--retriever", "bm25"]) == 0
+    passages = tmp / "bm" / "passages.jsonl"
+    passages.write_text(passages.read_text().replace("Paris", "Lyon"))
+    assert cli.main(["search", "--index", str(tmp / "bm"), "capital"]) == 2
+    assert "do not match" in capsys.readouterr().err

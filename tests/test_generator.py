@@ -1,0 +1,284 @@
+"""The generator p_θ: tokenizer, input/target encoding, batched log-probs, closed-book training,
+BART's noising functions, resumable pre-training and the shipped tiny BART."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from transformers import BartForConditionalGeneration
+
+from ragbook import generator, train
+from ragbook.data import Example, Passage, load_corpus
+from ragbook.generator import (
+    encode_inputs,
+    encode_targets,
+    format_input,
+    shift_right,
+    tiny_config,
+    token_logprobs,
+    train_tokenizer,
+)
+
+ODD_TEXTS = [
+    "Paris is the capital and largest city of France.",
+    "Héllo wörld — 3.14 ✓ 🙂 tabs\tand  double  spaces\nand a new line.",
+    "Ἀθῆναι, 東京, Москва: cities (population ≈ 1e7).",
+    "trailing space ",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [p.text for p in load_corpus()[:300]]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_bart(tok):
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(tiny_config(tok, d_model=32, layers=1)).eval()
+
+
+# ----------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_text_exactly(tok):
+    for text in ODD_TEXTS:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.unk_token_id not in ids  # byte-level: every byte has a piece
+        assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_saved_tokenizer_with_a_plain_byte_level_decoder_is_fixed_on_load(tok, tmp_path):
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    old = AutoTokenizer.from_pretrained(tmp_path)
+    old.backend_tokenizer.decoder = decoders.ByteLevel()  # as the first shipped tokenizer had
+    ids = old(ODD_TEXTS[0])["input_ids"]
+    assert old.decode(ids, skip_special_tokens=True) == " " + ODD_TEXTS[0]
+    assert generator._fix_decoding(old).decode(ids, skip_special_tokens=True) == ODD_TEXTS[0]
+
+
+# ----------------------------------------------------------------- inputs and targets
+
+
+def test_encode_inputs_matches_format_input_when_nothing_is_cut(tok):
+    p = Passage("p", "Paris", "Paris is the capital of France.")
+    enc = encode_inputs(tok, [p, None], ["Which city?", "Who wrote Hamlet?"], max_length=128)
+    for row, mask, text in zip(enc["input_ids"], enc["attention_mask"],
+                               [format_input(p, "Which city?"), "Who wrote Hamlet?"]):
+        assert row[mask.bool()].tolist() == tok(text)["input_ids"]
+
+
+def test_encode_inputs_cuts_the_passage_never_the_question(tok):
+    long = Passage("p", "Long", " ".join(["word"] * 400))
+    question = "which article is this?"
+    assert len(tok(question)["input_ids"]) < 30
+    enc = encode_inputs(tok, [long, None], [question, question], max_length=40)
+    assert enc["input_ids"].shape == (2, 40)
+    assert enc["attention_mask"][1].sum() < 30  # closed book: the question alone, padded
+    row = enc["input_ids"][0].tolist()
+    assert len(row) == 40 and row[0] == tok.bos_token_id and row[-1] == tok.eos_token_id
+    text = tok.decode(row, skip_special_tokens=True)
+    assert text.endswith(" // " + question)  # the separator and the whole question survive
+    assert text.startswith("Long / word word")
+    # a question longer than the budget on its own is cut, still within max_length
+    enc = encode_inputs(tok, [long], [question * 10], max_length=40)
+    assert enc["input_ids"].shape == (1, 40)
+    with pytest.raises(ValueError, match="one passage"):
+        encode_inputs(tok, [long], [question, question], max_length=40)
+
+
+def test_encode_targets_end_with_eos_and_mask_padding(tok):
+    out = encode_targets(tok, ["Paris", "the capital of France and its largest city"], 6)
+    labels, mask = out["labels"], out["target_mask"]
+    assert labels.shape == (2, 6) and mask.dtype == torch.bool
+    for row, m in zip(labels, mask):
+        assert row[m][-1] == tok.eos_token_id  # the last scored token is </s>
+        assert (row[~m] == tok.pad_token_id).all()
+        assert m.tolist() == sorted(m.tolist(), reverse=True)  # padding only at the end
+    assert mask[1].all()  # the long target was cut to 5 pieces + </s>
+    assert tok.decode(labels[0][mask[0]], skip_special_tokens=True) == "Paris"
+
+
+def test_shift_right():
+    labels = torch.tensor([[5, 6, 2], [7, 2, -100]])
+    assert shift_right(labels, 2, 1).tolist() == [[2, 5, 6], [2, 7, 2]]
+    assert shift_right(torch.tensor([[5, -100, -100]]), 2, 1).tolist() == [[2, 5, 1]]
+
+
+# ----------------------------------------------------------------- log-probs
+
+
+def test_token_logprobs_equals_a_loop_over_documents(tok, tiny_bart):
+    questions = ["Which city is the capital of France?", "Who wrote Hamlet?"]
+    passages = [Passage(str(i), f"T{i}", "some text " * (i + 1)) for i in range(3)]
+    k = len(passages)
+    enc = encode_inputs(tok, [p for _ in questions for p in passages],
+                        [q for q in questions for _ in passages], max_length=40)
+    tgt = encode_targets(tok, ["Paris", "William Shakespeare"], 10)
+    lp = token_logprobs(tiny_bart, enc["input_ids"], enc["attention_mask"], tgt["labels"])
+    assert lp.shape == (2, k, tgt["labels"].shape[1])
+    assert (lp <= 0).all()
+    with torch.no_grad():
+        for b in range(2):
+            for j in range(k):
+                row = b * k + j
+                ids = enc["input_ids"][row][enc["attention_mask"][row].bool()][None]  # unpadded
+                one = token_logprobs(tiny_bart, ids, torch.ones_like(ids), tgt["labels"][b:b + 1])
+                m = tgt["target_mask"][b]
+                torch.testing.assert_close(lp[b, j][m], one[0, 0][m], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="inputs for 2 targets"):
+        token_logprobs(tiny_bart, enc["input_ids"][:5], enc["attention_mask"][:5], tgt["labels"])
+
+
+# ----------------------------------------------------------------- closed book
+
+
+def test_closed_book_fine_tuning_memorises_and_is_deterministic(tok):
+    examples = [Example("where does the cat sit?", ["mat"]),
+                Example("what is the capital of France?", ["Paris"])]
+
+    def run(steps):
+        torch.manual_seed(0)
+        model = BartForConditionalGeneration(tiny_config(tok, d_model=32, layers=1))
+        history = generator.finetune_closed_book(model, tok, examples, steps=steps,
+                                                 batch_size=2, lr=3e-3, seed=0, progress=False)
+        return model, history
+
+    model, history = run(60)
+    assert len(history) == 60 and history[-1] < 0.2 * history[0]
+    assert not model.training
+    answers = generator.generate_answers(model, tok, [e.question for e in examples],
+                                         num_beams=2, max_length=8)
+    assert answers == ["mat", "Paris"]
+    assert run(5)[1] == history[:5]  # same seed, same batches and dropout
+    with pytest.raises(ValueError, match="passages for"):
+        generator.generate_answers(model, tok, ["q"], passages=[None, None])
+
+
+# ----------------------------------------------------------------- BART's noise
+
+
+def test_sentence_permutation_shuffles_whole_sentences_deterministically():
+    text = "One is here. Two is there! Three? Four is last."
+    out = train.sentence_permutation(text, random.Random(1))
+    assert sorted(out.split(" ")) == sorted(text.split(" "))
+    assert sorted(re.split(r"(?<=[.!?])\s+", out)) == sorted(
+        ["One is here.", "Two is there!", "Three?", "Four is last."])
+    assert train.sentence_permutation(text, random.Random(1)) == out
+    outs = {train.sentence_permutation(text, random.Random(s)) for s in range(10)}
+    assert len(outs) > 1
+    assert train.sentence_permutation("No full stop here", random.Random(0)) == "No full stop here"
+
+
+def test_text_infilling_masks_about_thirty_percent_in_spans():
+    ids, mask_id = list(range(5, 1005)), 4
+    for seed in range(5):
+        out = train.text_infilling(ids, mask_id, random.Random(seed))
+        kept = [t for t in out if t != mask_id]
+        removed = 1 - len(kept) / len(ids)
+        assert 0.2 <= removed <= 0.3  # overlapping and empty spans keep it a little under 0.3
+        n_masks = out.count(mask_id)
+        assert 0 < n_masks < len(ids) - len(kept)  # spans: fewer masks than masked tokens
+        assert kept == sorted(kept)  # the rest keeps its order
+        assert train.text_infilling(ids, mask_id, random.Random(seed)) == out
+    assert train.text_infilling(ids, mask_id, random.Random(0)) != out
+
+
+# ----------------------------------------------------------------- resumable pre-training
+
+
+TINY = dict(d_model=32, layers=1, vocab_size=300, steps=6, batch_size=2, seq_len=16,
+            warmup=2, checkpoint_every=3, export_every=3, heldout_passages=4)
+
+
+class _StopAt:
+    """A stand-in for tqdm whose update raises ``error`` once ``step`` steps are done."""
+
+    def __init__(self, step, error):
+        self.step, self.error = step, error
+
+    def __call__(self, *args, initial=0, **kwargs):
+        self.n = initial
+        return self
+
+    def update(self, k):
+        self.n += k
+        if self.n == self.step:
+            raise self.error
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def small_texts():
+    train_texts, heldout = train.pretraining_texts(0)
+    return train_texts[:300], heldout[:20]
+
+
+@pytest.mark.parametrize("stop", [(3, KeyboardInterrupt), (5, RuntimeError)],
+                         ids=["interrupted", "crashed"])
+def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
+    monkeypatch.setattr(train, "pretraining_texts", lambda seed: small_texts)
+    cfg = train.PretrainConfig(**TINY)
+    straight = train.pretrain(tmp_path / "a", cfg, work=tmp_path / "a-work", progress=False)
+
+    step, error = stop
+    with monkeypatch.context() as m:
+        m.setattr(train, "tqdm", _StopAt(step, error))
+        with pytest.raises(error):
+            train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
+    # Ctrl-C checkpoints where it stopped; a crash falls back to the last scheduled checkpoint
+    saved = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["step"] == 3
+    resumed = train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
+
+    assert resumed["step"] == straight["step"] == cfg.steps
+    assert resumed["history"] == straight["history"]
+    assert resumed["heldout_loss"] == straight["heldout_loss"]
+    a = torch.load(tmp_path / "a-work" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["step"] == cfg.steps
+
+
+# ----------------------------------------------------------------- the shipped generator
+
+
+@pytest.mark.skipif(not (generator.SHIPPED / "config.json").exists(),
+                    reason="no shipped generator yet: run `ragbook pretrain`")
+def test_shipped_generator_loads_and_reproduces_its_heldout_loss():
+    model, tok = generator.load_generator("tiny")
+    meta = json.loads((generator.SHIPPED / "pretrain.json").read_text())
+    cfg = train.PretrainConfig(**meta["config"])
+    assert meta["recipe"] == "ragbook pretrain" and meta["step"] > 0
+    assert len(tok) == model.config.vocab_size == cfg.vocab_size
+    assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
+    assert (generator.SHIPPED / "model.safetensors").stat().st_size <= 25_000_000
+    for text in ODD_TEXTS:
+        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+    _, heldout = train.pretraining_texts(cfg.seed)  # chosen exactly as `pretrain` chose them
+    heldout = random.Random(cfg.seed).sample(heldout, cfg.heldout_passages)
+    loss = train.heldout_loss(model, tok, heldout, cfg)
+    assert loss == pytest.approx(meta["heldout_loss"], rel=1e-3)
