@@ -131,13 +131,14 @@ def pretraining_texts(seed: int = 0) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def heldout_loss(model, tokenizer, texts: list[str], cfg: PretrainConfig) -> float:
     """Denoising loss on held-out passages with fixed noise (comparable across runs)."""
+    was_training = model.training
     model.eval()
     rng = random.Random(f"heldout/{cfg.seed}")
     losses = []
     for i in range(0, len(texts), cfg.batch_size):
         batch = denoising_batch(texts[i:i + cfg.batch_size], tokenizer, cfg, rng)
         losses.append(denoising_loss(model, batch).item())
-    model.train()
+    model.train(was_training)
     return float(np.mean(losses))
 
 
