@@ -58,7 +58,7 @@ def test_cached_builds_once_and_an_interrupted_build_leaves_nothing(tmp_path, mo
 
 
 def test_reproduce_prints_the_statistics(capsys):
-    assert cli.main(["reproduce"]) == 0
+    assert cli.main(["reproduce", "--data-only"]) == 0
     out = capsys.readouterr().out
     assert "| articles | 10,033 |" in out
     for task in ("entity-qa", "qgen", "verify"):
