@@ -197,8 +197,10 @@ def _require_file(path: str | Path) -> Path:
     return path
 
 
-def _jsonl(path: Path):
-    """Yield (line number, object) for each non-blank line of a JSONL file."""
+def read_jsonl(path: str | Path):
+    """Yield (line number, object) for each non-blank line of a JSONL file; a malformed line
+    raises :class:`DataError` naming the file and line."""
+    path = _require_file(path)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -230,7 +232,7 @@ def load_passages(path: str | Path) -> list[Passage]:
             for p in split_passages(path.stem, para)
         ]
     passages, seen = [], {}
-    for n, obj in _jsonl(path):
+    for n, obj in read_jsonl(path):
         missing = [k for k in ("id", "text") if k not in obj]
         if missing:
             raise DataError(f"{path}:{n}: missing field(s) {missing}; "
@@ -265,7 +267,7 @@ def load_examples(path: str | Path) -> list[Example]:
     if path.suffix == ".json":
         return load_squad(path)[0]
     examples = []
-    for n, obj in _jsonl(path):
+    for n, obj in read_jsonl(path):
         question = str(obj.get("question", "")).strip()
         if not question:
             raise DataError(f"{path}:{n}: missing or empty 'question'")

@@ -113,21 +113,17 @@ def save_predictions(predictions: Sequence[Prediction], path: str | Path) -> Non
 
 def load_predictions(path: str | Path) -> list[Prediction]:
     """Read a predictions JSONL file written by :func:`save_predictions`."""
-    from .data import DataError
+    from .data import DataError, read_jsonl
 
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                out.append(Prediction(question=obj["question"], prediction=obj["prediction"],
-                                      answers=list(obj["answers"]),
-                                      provenance=obj.get("provenance", [])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{n}: not a prediction ({e}); each line needs "
-                                '{"question", "prediction", "answers"}') from None
+    for n, obj in read_jsonl(path):
+        try:
+            out.append(Prediction(question=obj["question"], prediction=obj["prediction"],
+                                  answers=list(obj["answers"]),
+                                  provenance=obj.get("provenance", [])))
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path}:{n}: not a prediction (missing {e}); each line needs "
+                            '{"question", "prediction", "answers"}') from None
     return out
 
 
