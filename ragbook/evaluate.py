@@ -204,7 +204,7 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     share answered with the *new* answer after the swap, and ``kept`` the share still
     answered with the old one once the original index is swapped back.
     """
-    from .retriever import passage_embeddings
+    from .retriever import load_encoders
 
     correct = [p.em for p in evaluate_rag(model, examples, progress=progress)[1]]
     known = [e for e, c in zip(examples, correct) if c]
@@ -212,7 +212,12 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     facts = [e for e in known if e.article in edits]
     original_index, original_vectors = model.index, model.doc_vectors
     corpus = edited_corpus(original_index.passages, edits)
-    vectors = passage_embeddings(model.preset, corpus, progress=progress)
+    changed = [i for i, p in enumerate(corpus) if p.title in edits.values()]
+    vectors = original_vectors.cpu().numpy().copy()  # only the edited passages are re-encoded
+    if changed:
+        doc_encoder = load_encoders(model.preset)[1]
+        vectors[changed] = doc_encoder.encode_passages([corpus[i] for i in changed],
+                                                       progress=False)
     new_index = type(original_index).build(vectors, corpus, kind=original_index.kind,
                                            metadata=dict(original_index.metadata),
                                            progress=False)
