@@ -138,31 +138,36 @@ def _task_metric(metric: str, predictions: list[str], examples) -> dict[str, flo
 def results_table(r: dict) -> str:
     """The run's results as Markdown, the paper's figure beside ours."""
     e, ret = r["entity_qa"], r["retrieval"]
+
+    def pct(x: float) -> str:  # the paper reports percentages
+        return f"{100 * x:.1f}"
+
     rows = [
         "| experiment | model | ours | paper |", "|---|---|---|---|",
-        f"| entity QA, EM (Table 1) | closed-book BART | {e['closed_book']['em']:.3f} "
+        f"| entity QA, EM (Table 1) | closed-book BART | {pct(e['closed_book']['em'])} "
         f"| {PAPER['closed_book']} |",
-        f"| | RAG-Sequence | {e['rag_sequence']['em']:.3f} | {PAPER['rag_sequence']} |",
-        f"| | RAG-Token | {e['rag_token']['em']:.3f} | {PAPER['rag_token']} |",
-        f"| | top-1 passage title (no generator) | {r['baselines']['top1_title_em']:.3f} | |",
-        f"| question generation, BLEU-1 (Table 2) | BART | {r['qgen']['bart']['bleu1']:.3f} "
+        f"| | RAG-Sequence | {pct(e['rag_sequence']['em'])} | {PAPER['rag_sequence']} |",
+        f"| | RAG-Token | {pct(e['rag_token']['em'])} | {PAPER['rag_token']} |",
+        f"| | top-1 passage title (no generator) | {pct(r['baselines']['top1_title_em'])} | |",
+        f"| question generation, BLEU-1 (Table 2) | BART | {pct(r['qgen']['bart']['bleu1'])} "
         f"| {PAPER['qgen_bart']} |",
-        f"| | RAG-Token | {r['qgen']['rag_token']['bleu1']:.3f} | {PAPER['qgen_rag']} |",
+        f"| | RAG-Token | {pct(r['qgen']['rag_token']['bleu1'])} | {PAPER['qgen_rag']} |",
         f"| fact verification, accuracy (Table 2) | BART | "
-        f"{r['verify']['bart']['accuracy']:.3f} | {PAPER['verify_bart']} |",
-        f"| | RAG | {r['verify']['rag']['accuracy']:.3f} | {PAPER['verify_rag']} |",
+        f"{pct(r['verify']['bart']['accuracy'])} | {PAPER['verify_bart']} |",
+        f"| | RAG | {pct(r['verify']['rag']['accuracy'])} | {PAPER['verify_rag']} |",
     ]
     for name, label in (("bm25", "BM25"), ("frozen", "dense, frozen BERT_q"),
                         ("finetuned", "dense, jointly trained BERT_q")):
         rec = ret[name]
         rows.append(f"| retrieval recall@1/5/20 (Table 6) | {label} | "
-                    + " / ".join(f"{rec[f'recall@{k}']:.3f}" for k in (1, 5, 20)) + " | |")
+                    + " / ".join(pct(rec[f"recall@{k}"]) for k in (1, 5, 20)) + " | |")
     hs = r["hot_swap"]
     rows.append(f"| index hot-swap ({hs['facts']} edited facts) | RAG-Token follows the new "
-                f"index | {hs['followed']:.3f} | |")
+                f"index | {pct(hs['followed'])} | |")
     sweep = r["k_sweep"]
     rows.append("| EM by k at test time (Figure 3) | RAG-Token | " + ", ".join(
-        f"k={k}: {em:.2f}" for k, em in zip(sweep["k"], sweep["em"])) + " | |")
-    paper_note = ("\nPaper figures are for NQ (EM), Jeopardy (Q-BLEU-1) and FEVER-3 at full "
-                  "scale; ours are the tiny preset on the built-in tasks' test articles.\n")
+        f"k={k}: {pct(em)}" for k, em in zip(sweep["k"], sweep["em"])) + " | |")
+    paper_note = ("\nAll figures in percent. The paper's are for NQ (EM), Jeopardy (Q-BLEU-1) "
+                  "and FEVER-3 at full scale; ours are the tiny preset on the built-in tasks' "
+                  "test articles.\n")
     return "\n".join(rows) + f"\n\nTotal time: {r['seconds']:.0f} s.\n" + paper_note

@@ -63,3 +63,33 @@ def test_reproduce_prints_the_statistics(capsys):
     assert "| articles | 10,033 |" in out
     for task in ("entity-qa", "qgen", "verify"):
         assert f"| {task} |" in out
+
+
+def test_results_table_puts_ours_beside_the_paper_in_percent():
+    from ragbook.reproduce import PAPER, results_table
+
+    rec = {"recall@1": 0.5, "recall@5": 0.8, "recall@20": 0.9}
+    results = {
+        "entity_qa": {"closed_book": {"em": 0.01}, "rag_sequence": {"em": 0.4},
+                      "rag_token": {"em": 0.45}},
+        "baselines": {"top1_title_em": 0.38},
+        "qgen": {"bart": {"bleu1": 0.1}, "rag_token": {"bleu1": 0.2}},
+        "verify": {"bart": {"accuracy": 0.5}, "rag": {"accuracy": 0.6}},
+        "retrieval": {"bm25": rec, "frozen": rec, "finetuned": rec},
+        "hot_swap": {"facts": 10, "followed": 0.9},
+        "k_sweep": {"k": [1, 5], "em": [0.3, 0.45], "recall": [0.5, 0.8]},
+        "seconds": 12.0,
+    }
+    table = results_table(results)
+    assert f"| | RAG-Token | 45.0 | {PAPER['rag_token']} |" in table
+    assert "| 50.0 / 80.0 / 90.0 |" in table and "k=5: 45.0" in table
+
+
+def test_eval_command_scores_a_predictions_file(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "q", "prediction": "The Beatles", "answers": ["Beatles"]}\n'
+                    '{"question": "r", "prediction": "x", "answers": ["y"]}\n')
+    assert cli.main(["eval", str(path)]) == 0
+    assert '"em": 0.5' in capsys.readouterr().out
+    path.write_text('{"question": "q"}\n')
+    assert cli.main(["eval", str(path)]) == 2
