@@ -185,6 +185,8 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     probabilities only fall as a hypothesis grows), and leaves the batch. Returns, per group,
     up to num_beams ``(token_ids, log p)`` best first.
     """
+    if num_beams < 1 or max_length < 1:
+        raise ValueError(f"need num_beams ≥ 1 and max_length ≥ 1, got {num_beams}, {max_length}")
     n_groups, n_rows = log_prior.shape
     beams, cfg, device = num_beams, model.config, encoder_hidden.device
     all_beams = torch.arange(beams, device=device)

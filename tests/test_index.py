@@ -211,3 +211,33 @@ def test_swap_refuses_another_vector_space(flat, vectors):
     with pytest.raises(DataError, match="cannot swap.*dim"):
         flat.swap(wide)
     assert len(flat) == N and flat.encoder == "enc-a"  # unchanged after a refusal
+
+
+def test_fewer_than_k_found_leaves_padding_out_of_ids_and_passages(vectors, queries):
+    index = DenseIndex.build(vectors, corpus(N), kind="ivfpq", rerank=False, progress=False)
+    index.set_search_params(nprobe=1)  # one cell holds fewer than k = 500 vectors
+    result = index.search(queries[:5], 500)
+    missing = result.indices < 0
+    assert missing.any() and np.isneginf(result.scores[missing]).all()
+    for row, ids, passages in zip(result.indices, result.ids, result.passages):
+        assert ids == [f"p{j}" for j in row if j >= 0] == [p.id for p in passages]
+
+
+def test_corpus_index_is_built_once_then_loaded(tmp_path, monkeypatch):
+    from ragbook import data, retriever
+    from ragbook.index import corpus_index
+
+    n_passages = len(data.load_corpus())
+    calls = []
+
+    def fake_embeddings(preset, passages=None, progress=True):
+        calls.append(preset.name)
+        return clustered(n_passages, 5)
+
+    monkeypatch.setenv("RAGBOOK_CACHE", str(tmp_path))
+    monkeypatch.setattr(retriever, "passage_embeddings", fake_embeddings)
+    first = corpus_index("tiny", kind="flat", progress=False)
+    second = corpus_index("tiny", kind="flat", progress=False)
+    assert calls == ["tiny"] and len(first) == len(second) == n_passages
+    assert first.metadata["encoder"] == second.metadata["encoder"] == "all-MiniLM-L6-v2"
+    assert second.search(clustered(3, 9), 4).ids == first.search(clustered(3, 9), 4).ids

@@ -227,11 +227,14 @@ def test_the_prior_decides_between_documents():
     assert token.token_ids == sequence.token_ids == [A, EOS]
 
 
-def test_an_unknown_method_is_refused():
+def test_bad_decoding_arguments_are_refused():
     ids, mask = docs(2)
     with pytest.raises(ValueError, match="thorough"):
         rag.rag_sequence_generate(FirstTokenGenerator(TABLE), IdsTokenizer(), ids, mask, EQUAL,
                                   method="exhaustive")
+    with pytest.raises(ValueError, match="max_length"):
+        rag.rag_token_generate(FirstTokenGenerator(TABLE), IdsTokenizer(), ids, mask, EQUAL,
+                               max_length=0)
 
 
 @pytest.fixture(scope="module")
