@@ -254,28 +254,53 @@ def _bm25_hard_negatives(pairs: list[tuple[str, int]], passages: Sequence[Passag
     return negatives
 
 
+def _dense_hard_negatives(q: Tensor, positives: list[int], vectors: Tensor,
+                          article_of: Tensor) -> list[int]:
+    """For each question, the best-scoring passage outside its gold article."""
+    with torch.no_grad():
+        scores = q.detach() @ vectors.T
+        gold = article_of[positives]
+        scores[article_of[None, :] == gold[:, None]] = -torch.inf
+        return scores.argmax(1).tolist()
+
+
 def train_query_encoder(query_encoder: Encoder, examples: Sequence[Example],
                         passages: Sequence[Passage], *, steps: int = 300, batch_size: int = 32,
                         lr: float = 3e-5, scale: float = 1.0,
                         passage_vectors: np.ndarray | None = None,
-                        doc_encoder: Encoder | None = None, hard_negatives: bool = False,
-                        seed: int = 0, progress: bool = True) -> list[float]:
+                        doc_encoder: Encoder | None = None,
+                        hard_negatives: bool | str = False, seed: int = 0,
+                        progress: bool = True) -> list[float]:
     """Fine-tune BERT_q with :func:`dpr_loss`; return the loss of every step.
 
     Each example's positive is the first passage of its gold article (``Example.article``).
     By default BERT_d is frozen, as in RAG: the positives' vectors are rows of
     ``passage_vectors`` (aligned with ``passages``, e.g. :func:`passage_embeddings`). Given a
-    ``doc_encoder``, both encoders are trained, as in DPR itself. ``hard_negatives=True`` adds
-    BM25's best non-gold passage of every question as extra negatives. Adam with linear warmup
-    (10% of the steps) and decay; batches follow a seeded shuffle, so a run is reproducible on
-    a CPU for a given ``seed``.
+    ``doc_encoder``, both encoders are trained, as in DPR itself.
+
+    ``hard_negatives`` adds one more negative per question, shared by the batch as an extra
+    column of :func:`dpr_loss`: ``"bm25"`` (or ``True``) is BM25's best passage outside the
+    gold article, as in DPR; ``"dense"`` is the best such passage for the *current* q(x) among
+    ``passage_vectors`` — with BERT_d frozen, the index can be searched at every step for the
+    cost of one (batch × N) product (ANCE, Xiong et al. 2021, mines the same way).
+
+    Adam with linear warmup (10% of the steps) and decay; batches follow a seeded shuffle, so
+    a run is reproducible on a CPU for a given ``seed``.
     """
-    if doc_encoder is None and passage_vectors is None:
+    mode = "bm25" if hard_negatives is True else hard_negatives or None
+    if mode not in (None, "bm25", "dense"):
+        raise ValueError(f"hard_negatives={hard_negatives!r}; choose False, 'bm25' or 'dense'")
+    if passage_vectors is None and (doc_encoder is None or mode == "dense"):
         raise ValueError("give passage_vectors (frozen BERT_d) or a doc_encoder to train")
     pairs = _positive_passages(examples, passages)
     if len(pairs) < batch_size:
         raise ValueError(f"{len(pairs)} examples with a gold passage; need ≥ {batch_size}")
-    negatives = _bm25_hard_negatives(pairs, passages) if hard_negatives else None
+    negatives = _bm25_hard_negatives(pairs, passages) if mode == "bm25" else None
+    if mode == "dense":  # which article each passage belongs to, to skip the gold one
+        article_ids = {t: i for i, t in enumerate(dict.fromkeys(p.title for p in passages))}
+        article_of = torch.tensor([article_ids[p.title] for p in passages],
+                                  device=query_encoder.device)
+        all_vectors = torch.from_numpy(passage_vectors).to(query_encoder.device)
 
     def vectors(rows: list[int]) -> Tensor:
         if doc_encoder is not None:
@@ -301,7 +326,12 @@ def train_query_encoder(query_encoder: Encoder, examples: Sequence[Example],
         batch, order = order[:batch_size], order[batch_size:]
         q = query_encoder([pairs[i][0] for i in batch])
         d = vectors([pairs[i][1] for i in batch])
-        h = vectors([negatives[i] for i in batch]) if negatives is not None else None
+        h = None
+        if mode == "bm25":
+            h = vectors([negatives[i] for i in batch])
+        elif mode == "dense":
+            h = vectors(_dense_hard_negatives(q, [pairs[i][1] for i in batch], all_vectors,
+                                              article_of))
         loss = dpr_loss(q, d, scale, h)
         optimizer.zero_grad()
         loss.backward()
@@ -314,7 +344,7 @@ def train_query_encoder(query_encoder: Encoder, examples: Sequence[Example],
 
 
 def trained_query_encoder(preset: Preset, steps: int = 300, batch_size: int = 32,
-                          lr: float = 3e-5, hard_negatives: bool = False,
+                          lr: float = 3e-5, hard_negatives: bool | str = False,
                           task: str = "entity-qa", progress: bool = True) -> Encoder:
     """BERT_q fine-tuned on ``task``'s train split against the frozen, cached corpus vectors.
 

@@ -236,6 +236,30 @@ def test_bm25_hard_negatives_are_never_from_the_gold_article():
     assert all(passages[n].title != passages[p].title for (_, p), n in zip(pairs, negatives))
 
 
+def test_dense_hard_negatives_skip_every_passage_of_the_gold_article():
+    vectors = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0]])
+    article_of = torch.tensor([0, 0, 1, 2])  # passages 0 and 1 belong to the same article
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # question 0 (gold: passage 0) would rank passage 1 next, but it is the same article
+    assert R._dense_hard_negatives(q, [0, 3], vectors, article_of) == [2, 2]
+
+
+def test_training_with_dense_hard_negatives_runs_and_checks_its_arguments(tiny_bert):
+    examples, passages = _toy_task()
+    q = R.Encoder(tiny_bert, pooling="mean", normalize=True)
+    vectors = q.encode_passages(passages, progress=False)
+    history = R.train_query_encoder(q, examples, passages, steps=3, batch_size=4, lr=1e-3,
+                                    scale=10.0, passage_vectors=vectors,
+                                    hard_negatives="dense", progress=False)
+    assert len(history) == 3 and history[0] > 0
+    with pytest.raises(ValueError, match="hard_negatives"):
+        R.train_query_encoder(q, examples, passages, steps=1, batch_size=2,
+                              passage_vectors=vectors, hard_negatives="random", progress=False)
+    with pytest.raises(ValueError, match="passage_vectors"):  # dense mining needs the index
+        R.train_query_encoder(q, examples, passages, steps=1, batch_size=2, doc_encoder=q,
+                              hard_negatives="dense", progress=False)
+
+
 # --------------------------------------------------------------------------- caching
 
 
