@@ -125,6 +125,9 @@ class RagModel(torch.nn.Module):
         and their posterior p(z | x, y) under the generated answer."""
         from tqdm.auto import tqdm
 
+        if marginalization not in MARGINALIZATIONS:
+            raise ValueError(f"unknown marginalization {marginalization!r}; "
+                             f"choose one of {sorted(MARGINALIZATIONS)}")
         was_training = self.training
         self.eval()
         out = []

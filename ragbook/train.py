@@ -19,6 +19,8 @@ import json
 import math
 import random
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -176,6 +178,18 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
             atomic_torch_save({**{n: o.state_dict() for n, o in stateful.items()},
                                "state": state}, path)
 
+    # Ctrl-C is held until the step in flight ends: a step cut short (weights updated, step
+    # count not yet) must not be checkpointed. A second Ctrl-C stops at once, unsaved.
+    interrupted = forced = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted, forced
+        forced, interrupted = interrupted, True
+        if forced:
+            raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not progress)
     try:
         while state["step"] < steps:
@@ -190,10 +204,15 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
                 checkpoint()
             if after_step is not None:
                 after_step(state)
+            if interrupted:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        checkpoint()
+        if not forced:
+            checkpoint()
         raise
     finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
         bar.close()
     checkpoint()
     return state

@@ -1,0 +1,578 @@
+"""RagModel, joint training (train_rag) and the evaluation experiments, on a toy RAG.
+
+Every part is tiny, random and built here: a 2-layer BERT (BERT_q = BERT_d) saved with
+``save_pretrained``, a 1-layer BART with a BPE vocabulary trained on the toy corpus, and a flat
+DenseIndex over 20 passages of 10 invented towns. No MiniLM, no built-in corpus, no shipped
+weights. The CUDA variants skip without a GPU.
+"""
+
+import copy
+import math
+import os
+import signal
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import BartForConditionalGeneration, BertConfig, BertModel, BertTokenizer
+
+from ragbook import pipeline, rag
+from ragbook import train as T
+from ragbook.config import Preset
+from ragbook.data import Example, Passage
+from ragbook.evaluate import (
+    Prediction,
+    edit_facts,
+    edited_corpus,
+    evaluate_rag,
+    exact_match,
+    f1_score,
+    hot_swap,
+    k_sweep,
+)
+from ragbook.generator import encode_inputs, encode_targets, tiny_config, token_logprobs
+from ragbook.generator import train_tokenizer as train_bpe
+from ragbook.index import DenseIndex
+from ragbook.pipeline import RagModel
+from ragbook.retriever import BM25Retriever, Encoder
+
+TOWNS = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India",
+         "Juliet"]
+COLOURS = ["red", "blue", "green", "white", "black", "grey", "pink", "gold", "brown", "violet"]
+ANIMALS = ["fox", "owl", "frog", "swan", "bear", "wolf", "crab", "lion", "mole", "hare"]
+RIVERS = ["Nile", "Rhine", "Volga", "Seine", "Po", "Ebro", "Tagus", "Oder", "Elbe", "Loire"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+K = 3  # documents per question in most tests
+SCALE = 20.0
+
+
+def _world() -> tuple[list[Passage], list[Example]]:
+    """Two passages per town, one question per passage, answered by the town's name."""
+    passages, examples = [], []
+    for i, town in enumerate(TOWNS):
+        facts = [f"the {COLOURS[i]} {ANIMALS[i]}", f"the river {RIVERS[i]}"]
+        for j, fact in enumerate(facts):
+            passages.append(Passage(f"{town}::{j}", town, f"{town} is the home of {fact}."))
+            examples.append(Example(f"Which town is the home of {fact}?", [town], town))
+    return passages, examples
+
+
+CORPUS, EXAMPLES = _world()
+KEYS = {e.question: e.question.split("home of ")[1][:-1] for e in EXAMPLES}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; a shared CPU is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    bert = tmp_path_factory.mktemp("toy-bert")
+    texts = [p.text for p in CORPUS] + [e.question for e in EXAMPLES]
+    words = sorted({w.strip(".?").lower() for t in texts for w in t.split()})
+    (bert / "vocab.txt").write_text("\n".join(SPECIAL + words + [".", "?"]) + "\n")
+    BertTokenizer(vocab=str(bert / "vocab.txt")).save_pretrained(bert)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(SPECIAL) + len(words) + 2, hidden_size=16,
+                                 num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                 max_position_embeddings=64))
+    with torch.no_grad():  # let the words, not their positions, decide q(x) and d(z)
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+        for layer in model.encoder.layer:
+            layer.attention.output.dense.weight.mul_(0.1)
+            layer.output.dense.weight.mul_(0.1)
+    model.save_pretrained(bert)
+    preset = Preset(name="toy", query_encoder=str(bert), doc_encoder=str(bert),
+                    generator="toy-bart", pooling="mean", normalize=True, score_scale=SCALE,
+                    max_query_length=16, max_passage_length=24, max_source_length=40,
+                    max_target_length=8, n_docs=K)
+    encoder = Encoder(str(bert), pooling="mean", normalize=True, max_length=16)
+    doc_encoder = Encoder(str(bert), pooling="mean", normalize=True, max_length=24)
+    vectors = doc_encoder.encode_passages(CORPUS, progress=False)
+    index = DenseIndex.build(vectors, CORPUS, metadata={"encoder": str(bert), "pooling": "mean",
+                                                        "normalize": True}, progress=False)
+    tokenizer = train_bpe(texts + TOWNS, vocab_size=400)
+    config = tiny_config(tokenizer, d_model=32, layers=1)
+    config.init_std = 0.3  # at BART's 0.02 a random generator ignores its input document
+    torch.manual_seed(0)
+    generator = BartForConditionalGeneration(config)
+    return SimpleNamespace(preset=preset, encoder=encoder, doc_encoder=doc_encoder,
+                           vectors=vectors, index=index, tokenizer=tokenizer,
+                           generator=generator, bm25=BM25Retriever(CORPUS))
+
+
+def _model(toy, retriever: str = "dense", dropout: float = 0.1) -> RagModel:
+    """A fresh RagModel with the same initial weights every time."""
+    generator, query_encoder = copy.deepcopy(toy.generator), copy.deepcopy(toy.encoder)
+    for module in [*generator.modules(), *query_encoder.modules()]:
+        if isinstance(module, torch.nn.Dropout):  # BERT
+            module.p = dropout
+        for name in ("dropout", "activation_dropout"):  # BART keeps its rates as floats
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, dropout)
+    if retriever == "bm25":
+        return RagModel(toy.preset, query_encoder, generator, toy.tokenizer, None,
+                        bm25=toy.bm25)
+    return RagModel(toy.preset, query_encoder, generator, toy.tokenizer, toy.index, toy.vectors)
+
+
+def _cfg(**overrides) -> T.RagTrainConfig:
+    base = dict(n_docs=K, steps=8, batch_size=4, lr=3e-3, query_lr=1e-3, warmup=2,
+                checkpoint_every=3, seed=0)
+    return T.RagTrainConfig(**{**base, **overrides})
+
+
+def _snapshot(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _eval_loss(model, marginalization: str = "token") -> float:
+    with torch.no_grad():
+        return model.eval().loss(EXAMPLES, marginalization, K, train_retriever=False).mean().item()
+
+
+# --------------------------------------------------------------------------- retrieval and loss
+
+
+def test_doc_scores_are_the_scaled_inner_products_of_the_stored_vectors(toy):
+    model = _model(toy).eval()
+    questions = [e.question for e in EXAMPLES[:5]]
+    found = model.retrieve(questions, K, grad=True)
+    q = toy.encoder(questions).detach().numpy()
+    search = toy.index.search(q, K)
+    assert [[p.id for p in row] for row in found.passages] == search.ids
+    expected = SCALE * torch.einsum("bd,bkd->bk", torch.from_numpy(q),
+                                    torch.from_numpy(toy.vectors[search.indices]))
+    torch.testing.assert_close(found.doc_scores.detach(), expected)
+    torch.testing.assert_close(found.doc_scores.detach(), SCALE * torch.from_numpy(search.scores))
+    assert found.doc_scores.shape == (5, K) and found.doc_scores.requires_grad
+    assert (found.doc_scores.diff(dim=1) <= 1e-5).all()  # best first
+    assert not model.retrieve(questions, K).doc_scores.requires_grad
+
+
+@pytest.mark.parametrize("marginalization", ["token", "sequence"])
+def test_loss_equals_the_hand_assembled_computation(toy, marginalization):
+    model = _model(toy).eval()
+    batch = EXAMPLES[:4]
+    questions = [e.question for e in batch]
+    q = toy.encoder(questions)  # retrieve → doc_scores from the stored d(z)
+    found = toy.index.search(q.detach().numpy(), K)
+    doc_scores = SCALE * torch.einsum("bd,bkd->bk", q, torch.from_numpy(toy.vectors[found.indices]))
+    inputs = encode_inputs(toy.tokenizer, [p for row in found.passages for p in row],
+                           [x for x in questions for _ in range(K)], 40)
+    targets = encode_targets(toy.tokenizer, [e.answers[0] for e in batch], 8)
+    logprobs = token_logprobs(model.generator, inputs["input_ids"], inputs["attention_mask"],
+                              targets["labels"])
+    marginalize = {"token": rag.rag_token_loss, "sequence": rag.rag_sequence_loss}[marginalization]
+    expected = marginalize(logprobs, targets["target_mask"], doc_scores)
+
+    got = model.loss(batch, marginalization, n_docs=K)
+    assert got.shape == (4,) and (got > 0).all()
+    torch.testing.assert_close(got, expected)
+    other = "sequence" if marginalization == "token" else "token"
+    assert not torch.allclose(got, model.loss(batch, other, n_docs=K))  # the switch matters
+
+
+def test_gradients_reach_the_query_encoder_only_when_the_retriever_trains(toy):
+    for train_retriever in (True, False):
+        model = _model(toy).eval()
+        model.loss(EXAMPLES[:4], n_docs=K, train_retriever=train_retriever).sum().backward()
+        grads = [p.grad for p in model.query_encoder.parameters()]
+        if train_retriever:
+            assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads)
+        assert model.generator.lm_head.weight.grad.abs().sum() > 0
+        assert not model.doc_vectors.requires_grad  # d(z) stays frozen
+
+
+# --------------------------------------------------------------------------- joint training
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    """One uninterrupted, checkpointed run of 8 steps: what every other run is compared to."""
+    path = tmp_path_factory.mktemp("reference") / "rag.pt"
+    model = _model(toy)
+    before = _eval_loss(_model(toy))
+    state = T.train_rag(model, EXAMPLES, _cfg(), checkpoint=path, progress=False)
+    return SimpleNamespace(state=state, path=path, model=model, before=before,
+                           generator=_snapshot(model.generator),
+                           query_encoder=_snapshot(model.query_encoder))
+
+
+def test_train_rag_learns_and_returns_its_history(toy, reference):
+    history = reference.state["history"]
+    assert [s for s, _ in history] == list(range(1, 9)) and reference.state["step"] == 8
+    assert all(math.isfinite(loss) for _, loss in history)
+    assert _eval_loss(reference.model) < 0.8 * reference.before  # memorising the toy task
+    assert not reference.model.training  # left in eval mode
+    assert not _same(reference.query_encoder, _snapshot(toy.encoder))  # BERT_q was trained
+
+
+def test_train_rag_is_deterministic_on_cpu(toy, reference):
+    model = _model(toy)
+    state = T.train_rag(model, EXAMPLES, _cfg(), progress=False)
+    assert state["history"] == reference.state["history"]
+    assert _same(_snapshot(model.generator), reference.generator)
+    assert _same(_snapshot(model.query_encoder), reference.query_encoder)
+    other = T.train_rag(_model(toy), EXAMPLES, _cfg(seed=1, steps=2), progress=False)
+    assert other["history"] != reference.state["history"][:2]  # the seed picks the batches
+
+
+def _files(path) -> list[str]:
+    return sorted(os.listdir(path.parent))
+
+
+def test_an_interrupted_run_resumes_to_the_same_parameters(toy, reference, tmp_path,
+                                                           monkeypatch):
+    path = tmp_path / "rag.pt"
+    model = _model(toy)
+    loss, calls = model.loss, []
+
+    def interrupted_loss(*args, **kwargs):  # Ctrl-C in the forward pass of step 6
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    model.loss = interrupted_loss
+    with pytest.raises(KeyboardInterrupt):
+        T.train_rag(model, EXAMPLES, _cfg(), checkpoint=path, progress=False)
+    saved = torch.load(path, weights_only=False)
+    assert saved["state"]["step"] == 5  # written on interrupt, not only every 3 steps
+    assert saved["state"]["history"] == reference.state["history"][:5]
+    assert set(saved) == {"generator", "query_encoder", "optimizer", "scheduler", "state"}
+    assert _files(path) == ["rag.pt"]
+
+    # a crash while writing the next checkpoint leaves the last one whole, and no temp file
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            T.train_rag(_model(toy), EXAMPLES, _cfg(), checkpoint=path, progress=False)
+    assert torch.load(path, weights_only=False)["state"]["step"] == 5
+    assert _files(path) == ["rag.pt"]
+
+    resumed = _model(toy)  # a new process: fresh weights, everything else from the checkpoint
+    state = T.train_rag(resumed, EXAMPLES, _cfg(), checkpoint=path, progress=False)
+    assert state["history"] == reference.state["history"]
+    assert _same(_snapshot(resumed.generator), reference.generator)
+    assert _same(_snapshot(resumed.query_encoder), reference.query_encoder)
+    assert _files(path) == ["rag.pt"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_after_the_optimizer_step_still_resumes_exactly(toy, reference, tmp_path,
+                                                               monkeypatch):
+    """Ctrl-C can land anywhere in a step, e.g. after ``optimizer.step()``, when the weights
+    already hold step t+1 while ``state["step"]`` says t. The loop holds the interrupt until
+    the step ends, so the checkpoint never pairs them and the resumed run matches."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled elsewhere (a test runner's worker?)")
+    path = tmp_path / "rag.pt"
+    step, calls = torch.optim.AdamW.step, []
+
+    def step_then_sigint(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", step_then_sigint)
+        with pytest.raises(KeyboardInterrupt):
+            T.train_rag(_model(toy), EXAMPLES, _cfg(), checkpoint=path, progress=False)
+    resumed = _model(toy)
+    state = T.train_rag(resumed, EXAMPLES, _cfg(), checkpoint=path, progress=False)
+    assert state["history"] == reference.state["history"]
+    assert _same(_snapshot(resumed.generator), reference.generator)
+
+
+def test_a_finished_run_loads_from_its_checkpoint_without_training(toy, reference):
+    model = _model(toy)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must not train again")
+
+    model.loss = no_training
+    state = T.train_rag(model, EXAMPLES, _cfg(), checkpoint=reference.path, progress=False)
+    assert state["history"] == reference.state["history"]
+    assert _same(_snapshot(model.generator), reference.generator)
+    assert _same(_snapshot(model.query_encoder), reference.query_encoder)
+
+
+def test_a_frozen_retriever_stays_bit_identical_while_the_generator_learns(toy):
+    model = _model(toy)
+    state = T.train_rag(model, EXAMPLES, _cfg(steps=3, freeze_retriever=True), progress=False)
+    assert len(state["history"]) == 3
+    assert _same(_snapshot(model.query_encoder), _snapshot(toy.encoder))
+    assert not _same(_snapshot(model.generator), _snapshot(toy.generator))
+
+
+def test_bm25_training_leaves_the_query_encoder_untouched(toy):
+    model = _model(toy, retriever="bm25")
+    found = model.retrieve([e.question for e in EXAMPLES], K)
+    assert found.doc_scores.shape == (len(EXAMPLES), K) and not found.doc_scores.requires_grad
+    assert [row[0] for row in found.passages] == CORPUS  # BM25 finds the passage of each fact
+    state = T.train_rag(model, EXAMPLES, _cfg(steps=3), progress=False)
+    assert all(math.isfinite(loss) for _, loss in state["history"])
+    assert _same(_snapshot(model.query_encoder), _snapshot(toy.encoder))
+    assert not _same(_snapshot(model.generator), _snapshot(toy.generator))
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("marginalization", ["token", "sequence"])
+def test_answer_gives_one_prediction_per_question_with_provenance(toy, marginalization):
+    model = _model(toy).train()
+    batch = EXAMPLES[:3]
+    questions = [e.question for e in batch]
+    predictions = model.answer(questions, [e.answers for e in batch], marginalization,
+                               n_docs=K, num_beams=2, batch_size=2)  # two batches
+    assert model.training  # the mode it came in
+    retrieved = model.eval().retrieve(questions, K).passages
+    assert len(predictions) == 3
+    for p, e, row in zip(predictions, batch, retrieved):
+        assert isinstance(p, Prediction) and isinstance(p.prediction, str)
+        assert p.question == e.question and p.answers == e.answers
+        assert [x["id"] for x in p.provenance] == [z.id for z in row]
+        assert [x["title"] for x in p.provenance] == [z.title for z in row]
+        posteriors = [x["posterior"] for x in p.provenance]
+        assert all(0 <= w <= 1 for w in posteriors) and sum(posteriors) == pytest.approx(1)
+    assert all(p.answers == [] for p in model.answer(questions[:1], n_docs=1))
+
+
+def test_evaluate_rag_scores_the_answers(toy):
+    scores, predictions = evaluate_rag(_model(toy), EXAMPLES[:4], "sequence", n_docs=2)
+    assert scores["n"] == 4 and len(predictions) == 4
+    assert all(len(p.provenance) == 2 for p in predictions)
+    assert scores["em"] == pytest.approx(sum(exact_match(p.prediction, p.answers)
+                                             for p in predictions) / 4)
+    assert scores["f1"] == pytest.approx(sum(f1_score(p.prediction, p.answers)
+                                             for p in predictions) / 4)
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def test_k_sweep_reports_em_and_recall_for_every_k(toy):
+    result = k_sweep(_model(toy), EXAMPLES[:4], ks=(1, 3, 50), marginalization="sequence")
+    assert set(result) == {"k", "em", "recall"} and result["k"] == [1, 3, 50]
+    assert len(result["em"]) == len(result["recall"]) == 3
+    assert all(0 <= v <= 1 for v in result["em"] + result["recall"])
+    assert result["recall"] == sorted(result["recall"])
+    assert result["recall"][-1] == 1.0  # k beyond the corpus: every passage is retrieved
+
+
+def test_edited_corpus_changes_exactly_the_chosen_facts():
+    edits = edit_facts(EXAMPLES, 3, seed=0)
+    assert edits == edit_facts(EXAMPLES, 3, seed=0) != edit_facts(EXAMPLES, 3, seed=1)
+    assert 1 <= len(edits) <= 3 and set(edits) <= set(TOWNS)
+    for new in edits.values():
+        assert new not in TOWNS and len(new.split()) == 2 and new.istitle()
+    edited = edited_corpus(CORPUS, edits)
+    assert [p.id for p in edited] == [p.id for p in CORPUS]
+    for old, new in zip(CORPUS, edited):
+        if old.title in edits:
+            assert new.title == edits[old.title]
+            assert new.text == old.text.replace(old.title, edits[old.title])
+            assert old.title not in new.text and new.text != old.text
+        else:
+            assert new is old
+    assert CORPUS == _world()[0]  # the original is not touched
+
+
+def test_hot_swap_serves_the_edited_index_then_restores_the_original(toy, monkeypatch):
+    """With a reader that answers with the title of the passage stating the asked fact, the
+    outcome depends only on which index is served: every edit is followed, then undone."""
+    model = _model(toy)
+    index, vectors = model.index, model.doc_vectors
+    served = []
+
+    def reader(questions, answers=None, **kwargs):
+        served.append((model.index, model.doc_vectors.clone()))
+        found = model.retrieve(questions, len(CORPUS)).passages
+        return [Prediction(q, next(p.title for p in row if KEYS[q] in p.text), list(a))
+                for q, a, row in zip(questions, answers, found)]
+
+    monkeypatch.setattr(model, "answer", reader)
+    edits = edit_facts(EXAMPLES, 3, seed=0)  # hot_swap's choice: every fact is known
+    result = hot_swap(model, EXAMPLES, n_facts=3, seed=0)
+    facts = [e for e in EXAMPLES if e.article in edits]
+    assert result["facts"] == len(facts) > 0
+    assert result["followed"] == 1.0 and result["kept"] == 1.0
+    assert [x["old"] for x in result["examples"]] == [e.answers[0] for e in facts]
+    assert [x["new"] for x in result["examples"]] == [edits[e.article] for e in facts]
+    assert [x["answer_after_swap"] for x in result["examples"]] == [x["new"] for x in
+                                                                    result["examples"]]
+    assert model.index is index and model.doc_vectors is vectors  # swapped back
+
+    assert len(served) == 3  # before the swap, with the edited index, after swapping back
+    swapped_index, swapped_vectors = served[1]
+    assert served[0][0] is index and swapped_index is not index and served[2][0] is index
+    edited = edited_corpus(CORPUS, edits)
+    assert swapped_index.passages == edited
+    changed = [i for i, p in enumerate(CORPUS) if p.title in edits]
+    unchanged = [i for i in range(len(CORPUS)) if i not in changed]
+    assert torch.equal(swapped_vectors[unchanged], vectors[unchanged])
+    expected = toy.doc_encoder.encode_passages([edited[i] for i in changed], progress=False)
+    torch.testing.assert_close(swapped_vectors[changed], torch.from_numpy(expected))
+    assert not torch.allclose(swapped_vectors[changed], vectors[changed])
+
+
+def test_hot_swap_restores_the_index_when_evaluation_fails(toy, monkeypatch):
+    model = _model(toy)
+    index, vectors = model.index, model.doc_vectors
+    calls = []
+
+    def reader(questions, answers=None, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return [Prediction(q, a[0], list(a)) for q, a in zip(questions, answers)]
+
+    monkeypatch.setattr(model, "answer", reader)
+    with pytest.raises(RuntimeError):
+        hot_swap(model, EXAMPLES, n_facts=2)
+    assert model.index is index and model.doc_vectors is vectors
+
+
+def test_hot_swap_on_the_toy_model_reports_its_counts(toy):
+    result = hot_swap(_model(toy), EXAMPLES[:4], n_facts=2)
+    assert set(result) == {"facts", "followed", "kept", "examples"}
+    assert 0 <= result["facts"] <= 4 and len(result["examples"]) == min(10, result["facts"])
+    assert 0 <= result["followed"] <= 1 and 0 <= result["kept"] <= 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_a_clear_error(toy, tmp_path):
+    model = _model(toy)
+    with pytest.raises(ValueError, match="unknown marginalization 'bogus'"):
+        model.loss(EXAMPLES[:2], "bogus")
+    with pytest.raises(ValueError, match="at least one training example"):
+        T.train_rag(model, [], _cfg())
+    with pytest.raises(ValueError, match="unknown marginalization 'bogus'"):
+        T.train_rag(model, EXAMPLES, _cfg(marginalization="bogus"), checkpoint=tmp_path / "c.pt",
+                    progress=False)
+    assert not (tmp_path / "c.pt").exists()  # nothing to resume from a run that never stepped
+
+
+def test_answer_refuses_an_unknown_marginalization(toy):
+    with pytest.raises(ValueError, match="unknown marginalization"):
+        _model(toy).answer([EXAMPLES[0].question], marginalization="bogus", n_docs=1)
+
+
+# --------------------------------------------------------------------------- devices
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def _unambiguous(model, n: int = 4) -> list[Example]:
+    """The n questions whose top K+1 doc_scores lie furthest apart, so that bf16 rounding of
+    q(x) cannot change which passages they retrieve, nor in what order."""
+    found = model.retrieve([e.question for e in EXAMPLES], K + 1)
+    gaps = -found.doc_scores.diff(dim=1).min(dim=1).values
+    return [EXAMPLES[i] for i in gaps.argsort(descending=True)[:n].tolist()]
+
+
+def _trained(toy, reference) -> RagModel:
+    """The reference run's weights: a random generator's near-ties would make greedy decoding
+    differ between devices, a trained one's peaked distributions do not."""
+    model = _model(toy)
+    model.generator.load_state_dict(reference.generator)
+    model.query_encoder.load_state_dict(reference.query_encoder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cpu_baseline(toy, reference):
+    """Dropout off, so that a GPU run can be compared with the CPU one."""
+    model = _model(toy, dropout=0.0).eval()
+    examples = _unambiguous(model)
+    with torch.no_grad():
+        loss = model.loss(examples, n_docs=K)
+    state = T.train_rag(_model(toy, dropout=0.0), examples, _cfg(steps=3), progress=False)
+    trained = _trained(toy, reference)
+    questions = [e.question for e in _unambiguous(trained)]
+    answers = {m: trained.answer(questions, marginalization=m, n_docs=K)
+               for m in ("token", "sequence")}
+    return SimpleNamespace(examples=examples, loss=loss, history=state["history"],
+                           questions=questions, answers=answers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_on_the_device_matches_the_cpu(toy, cpu_baseline, device):
+    model = _model(toy, dropout=0.0).to(device).eval()
+    assert model.device.type == device and model.doc_vectors.device.type == device
+    assert model.query_encoder.device.type == device
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = model.loss(cpu_baseline.examples, n_docs=K)
+    assert loss.device.type == device
+    tolerance = {"rtol": 5e-2, "atol": 5e-2} if device == "cuda" else {}
+    torch.testing.assert_close(loss.detach().float().cpu(), cpu_baseline.loss, **tolerance)
+    loss.sum().backward()
+    grads = [p.grad for p in model.query_encoder.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == device for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_rag_on_the_device(toy, cpu_baseline, device, monkeypatch, tmp_path):
+    autocast = []
+
+    def spy(*args, **kwargs):  # what the generator's forward pass runs under
+        enabled = torch.is_autocast_enabled("cuda")
+        autocast.append(torch.get_autocast_dtype("cuda") if enabled else None)
+        return token_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "token_logprobs", spy)
+    model = _model(toy, dropout=0.0).to(device)
+    state = T.train_rag(model, cpu_baseline.examples, _cfg(steps=3), progress=False)
+    assert autocast == [torch.bfloat16 if device == "cuda" else None] * 3
+    history = [loss for _, loss in state["history"]]
+    assert len(history) == 3 and all(math.isfinite(v) for v in history)
+    assert history[0] == pytest.approx(cpu_baseline.history[0][1],
+                                       rel=5e-2 if device == "cuda" else 1e-6)
+    assert all(p.device.type == device for p in model.parameters())
+    assert not _same(_snapshot(model.generator), _snapshot(toy.generator))
+    assert not _same(_snapshot(model.query_encoder), _snapshot(toy.encoder))
+
+    # resuming on the device: the CPU-mapped checkpoint goes back onto the device's weights
+    path = tmp_path / "rag.pt"
+    T.train_rag(_model(toy, dropout=0.0).to(device), cpu_baseline.examples, _cfg(steps=2),
+                checkpoint=path, progress=False)
+    resumed = _model(toy, dropout=0.0).to(device)
+    again = T.train_rag(resumed, cpu_baseline.examples, _cfg(steps=3), checkpoint=path,
+                        progress=False)
+    assert [s for s, _ in again["history"]] == [1, 2, 3]
+    assert all(p.device.type == device for p in resumed.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_answer_on_the_device(toy, reference, cpu_baseline, device):
+    model = _trained(toy, reference).to(device)
+    for marginalization, expected in cpu_baseline.answers.items():
+        got = model.answer(cpu_baseline.questions, marginalization=marginalization, n_docs=K)
+        assert [p.prediction for p in got] == [p.prediction for p in expected]
+        for p, e in zip(got, expected):
+            assert [x["id"] for x in p.provenance] == [x["id"] for x in e.provenance]
+            assert [x["posterior"] for x in p.provenance] == pytest.approx(
+                [x["posterior"] for x in e.provenance], abs=1e-3)
