@@ -18,7 +18,10 @@ Three FAISS index kinds, all with the inner-product metric:
   product-quantization code of ``pq_m`` bytes (d/8 sub-vectors of 8 bits): 32× smaller than
   flat at d = 384. ``nprobe`` cells are visited per question. With ``rerank=True`` an
   ``IndexRefineFlat`` keeps the raw vectors too and re-scores the best ``k_factor``·k
-  candidates exactly: near-exact recall at IVF-PQ's speed, but flat's memory again.
+  candidates exactly: near-exact recall at IVF-PQ's speed, but flat's memory again — unless
+  the saved index is opened with ``DenseIndex.load(dir, mmap=True)``: FAISS then maps the file
+  instead of reading it (``IO_FLAG_MMAP_IFC``), and only the pages a search touches (the cells
+  it visits, the k_factor·k vectors it re-scores) are read from disk.
 
 An index on disk is a directory: ``index.faiss`` (FAISS's own format, ``faiss.write_index``),
 ``meta.json`` (encoder, pooling, dimension, metric, kind, sizes and checksums) and
@@ -332,11 +335,13 @@ class DenseIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, encoder: QueryEncoder | None = None) -> DenseIndex:
+    def load(cls, directory: str | Path, encoder: QueryEncoder | None = None,
+             mmap: bool = False) -> DenseIndex:
         """Read an index saved by :meth:`save`, verifying every file before FAISS sees it.
 
         With ``encoder``, also refuse a query encoder whose name or dimension differs from the
-        one that built the index.
+        one that built the index. ``mmap=True`` maps the FAISS file into memory instead of
+        reading it: a corpus larger than RAM stays searchable, at the cost of disk reads.
         """
         directory = Path(directory)
         hint = "rebuild it with `ragbook index` (or DenseIndex.build(...).save(dir))"
@@ -363,7 +368,8 @@ class DenseIndex:
                                 f"(truncated or replaced); {hint}")
             if _file_sha256(path) != want["sha256"]:
                 raise DataError(f"{path}: checksum mismatch, the file is corrupted; {hint}")
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        index = faiss.read_index(str(directory / INDEX_FILE),
+                                 faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         with open(directory / PASSAGES_FILE, encoding="utf-8") as f:
             passages = [Passage(**json.loads(line)) for line in f if line.strip()]
         meta.pop("files")

@@ -125,11 +125,13 @@ def test_save_load_round_trip_gives_identical_results(tmp_path, vectors, queries
     assert meta["encoder"] == "enc-a" and meta["dim"] == DIM and meta["kind"] == kind
     assert meta["metric"] == "inner_product" and meta["count"] == 1000
     assert meta["fingerprint"] == corpus_fingerprint(corpus(1000))
-    loaded = DenseIndex.load(tmp_path / "ix", encoder=FakeEncoder("enc-a", DIM))
-    a, b = index.search(queries, K), loaded.search(queries, K)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    assert a.ids == b.ids and loaded.passages == index.passages
+    a = index.search(queries, K)
+    for mmap in (False, True):  # read into memory, or mapped from disk: the same answers
+        loaded = DenseIndex.load(tmp_path / "ix", encoder=FakeEncoder("enc-a", DIM), mmap=mmap)
+        b = loaded.search(queries, K)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert a.ids == b.ids and loaded.passages == index.passages
 
 
 @pytest.fixture
