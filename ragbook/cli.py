@@ -151,18 +151,8 @@ def _load_bm25(directory: Path, meta: dict):
     return retriever
 
 
-def cmd_index(args: argparse.Namespace) -> int:
+def _build_dense(passages: list[data.Passage], args: argparse.Namespace, out: Path) -> str:
     from .config import get_preset
-
-    passages = _load_corpus_arg(args.corpus)
-    out = Path(args.out)
-    print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
-    if args.retriever == "bm25":
-        from .retriever import BM25Retriever
-
-        _save_bm25(BM25Retriever(passages), passages, out)
-        print(f"BM25 index of {len(passages):,} passages -> {out}")
-        return 0
     from .index import DenseIndex
     from .retriever import passage_embeddings
 
@@ -174,13 +164,36 @@ def cmd_index(args: argparse.Namespace) -> int:
             "retriever": "dense"}
     index = DenseIndex.build(vectors, passages, kind=args.index_type, metadata=meta)
     index.save(out)
-    print(f"{index.kind} index of {len(index):,} passages ({index.dim} dims, encoder "
-          f"{index.encoder}) -> {out}")
+    return f"{index.kind} index ({index.dim} dims, encoder {index.encoder})"
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .retriever import BM25Retriever
+
+    passages = _load_corpus_arg(args.corpus)
+    out = Path(args.out)
+    print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
+    if args.retriever == "bm25":
+        _save_bm25(BM25Retriever(passages), passages, out)
+        built = "BM25 index"
+    elif args.retriever == "dense":
+        built = _build_dense(passages, args, out)
+    else:  # hybrid: both, side by side, fused at search time
+        from .index import META_FILE
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).unlink(missing_ok=True)
+        built = _build_dense(passages, args, out / "dense") + " + BM25 index, fused by RRF"
+        _save_bm25(BM25Retriever(passages), passages, out / "bm25")
+        (out / META_FILE).write_text(json.dumps({"format": 1, "retriever": "hybrid",
+                                                 "parts": ["dense", "bm25"]}, indent=2))
+    print(f"{built} of {len(passages):,} passages -> {out}")
     return 0
 
 
 def _open_retriever(directory: Path):
-    """A retriever with ``.search(questions, k)`` for an index directory (dense or BM25)."""
+    """A retriever with ``.search(questions, k)`` for an index directory (dense, BM25, or
+    both fused by reciprocal rank fusion)."""
     from .index import META_FILE, DenseIndex
 
     meta_path = directory / META_FILE
@@ -193,6 +206,10 @@ def _open_retriever(directory: Path):
                                  "`ragbook index`") from None
     if meta.get("retriever") == "bm25":
         return _load_bm25(directory, meta)
+    if meta.get("retriever") == "hybrid":
+        from .retriever import HybridRetriever
+
+        return HybridRetriever([_open_retriever(directory / part) for part in meta["parts"]])
     from .retriever import DenseRetriever, Encoder
 
     index = DenseIndex.load(directory)
@@ -313,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(paragraphs split on blank lines), SQuAD-format JSON (its contexts), or `builtin`.")
     p.add_argument("--corpus", required=True, help="FILE (.jsonl, .txt, SQuAD .json) or builtin")
     p.add_argument("--out", required=True, help="directory to write the index into")
-    p.add_argument("--retriever", choices=("dense", "bm25"), default="dense")
+    p.add_argument("--retriever", choices=("dense", "bm25", "hybrid"), default="dense",
+                   help="hybrid: a dense and a BM25 index, rankings fused by reciprocal rank "
+                   "fusion at search time")
     p.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq"), default="flat",
                    help="flat: exact; hnsw: fast approximate graph; ivfpq: compressed")
     p.add_argument("--preset", default="tiny", help="tiny (offline) or paper")

@@ -66,6 +66,22 @@ def test_bm25_index_then_search_json(files, capsys):
     assert [r["passages"][0]["id"] for r in records] == [a for _, a in QUESTIONS]
 
 
+def test_hybrid_index_fuses_the_dense_and_bm25_rankings(files, capsys):
+    from ragbook.retriever import reciprocal_rank_fusion
+
+    tmp, corpus, questions = files
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "hy"),
+                     "--retriever", "hybrid"]) == 0
+    assert json.loads((tmp / "hy" / "meta.json").read_text())["retriever"] == "hybrid"
+    records = _search_json(capsys, tmp / "hy", questions, k=4)
+    assert [r["passages"][0]["id"] for r in records] == [a for _, a in QUESTIONS]
+    # the fused ranking is RRF over what the two halves of the index find on their own
+    parts = [cli._open_retriever(tmp / "hy" / part) for part in ("dense", "bm25")]
+    qs = [q for q, _ in QUESTIONS]
+    fused = reciprocal_rank_fusion([r.search(qs, len(PASSAGES)) for r in parts], 4)
+    assert [[p["id"] for p in r["passages"]] for r in records] == fused.ids
+
+
 def test_squad_and_plain_text_corpora_are_read(tmp_path, capsys):
     squad = tmp_path / "squad.json"
     squad.write_text(json.dumps({"data": [{"title": "Nile", "paragraphs": [
