@@ -153,10 +153,15 @@ def save_generator(model, tokenizer, out: Path, meta: dict) -> None:
     atomic_write_bytes(out / "pretrain.json", json.dumps(meta, indent=2).encode())
 
 
+def _settings(cfg) -> dict:
+    """What a run's result depends on: its config, less how often it saves."""
+    return {k: v for k, v in asdict(cfg).items() if not k.endswith("_every")}
+
+
 def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
                    checkpoint_path: str | Path | None, checkpoint_every: int, desc: str,
                    progress: bool = True, after_step: Callable[[dict], None] | None = None,
-                   ) -> dict:
+                   settings: dict | None = None) -> dict:
     """Run ``step_fn(step) -> loss`` until ``steps``, resumable from ``checkpoint_path``.
 
     ``stateful`` maps names to objects with ``state_dict``/``load_state_dict`` (models,
@@ -164,11 +169,23 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
     atomically every ``checkpoint_every`` steps, at the end and on interrupt (Ctrl-C), and a
     run that finds it continues where it stopped. ``step_fn`` must draw its batch and its
     randomness from the step number alone, so that a resumed run equals an unbroken one.
+    ``settings`` (the run's configuration) is stored too: a checkpoint written under other
+    settings (say, another number of steps, which reshapes the learning-rate schedule) is
+    refused rather than silently continued.
     """
-    state = {"step": 0, "history": [], "seconds": 0.0}
+    settings = json.loads(json.dumps(settings)) if settings is not None else None
+    state = {"step": 0, "history": [], "seconds": 0.0, "settings": settings}
     path = Path(checkpoint_path) if checkpoint_path else None
     if path is not None and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=False)
+        before = saved["state"].get("settings")
+        if settings is not None and before is not None and before != settings:
+            changed = sorted(k for k in settings.keys() | before.keys()
+                             if settings.get(k) != before.get(k))
+            diff = ", ".join(f"{k}: {before.get(k)!r} → {settings.get(k)!r}" for k in changed)
+            raise ValueError(f"{path} was written by a run with other settings ({diff}); "
+                             "resume with the same settings, or start afresh with another "
+                             "checkpoint path")
         for name, obj in stateful.items():
             obj.load_state_dict(saved[name])
         state = saved["state"]
@@ -278,7 +295,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     state = resumable_loop(step_fn, {"model": model, "optimizer": optimizer,
                                      "scheduler": scheduler},
                            cfg.steps, work / "checkpoint.pt", cfg.checkpoint_every, "pretrain",
-                           progress, after_step)
+                           progress, after_step, _settings(cfg))
     return export(state)
 
 
@@ -346,7 +363,8 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
     stateful = {"generator": model.generator, "query_encoder": model.query_encoder,
                 "optimizer": optimizer, "scheduler": scheduler}
     state = resumable_loop(step_fn, stateful, cfg.steps, checkpoint, cfg.checkpoint_every,
-                           f"RAG-{cfg.marginalization.capitalize()}", progress)
+                           f"RAG-{cfg.marginalization.capitalize()}", progress,
+                           settings=_settings(cfg))
     model.eval()
     return state
 

@@ -475,6 +475,15 @@ def test_bad_input_gets_a_clear_error(toy, tmp_path):
     assert not (tmp_path / "c.pt").exists()  # nothing to resume from a run that never stepped
 
 
+def test_a_checkpoint_from_other_settings_is_refused(toy, tmp_path):
+    """Resuming under another number of steps would follow another learning-rate schedule."""
+    T.train_rag(_model(toy), EXAMPLES, _cfg(steps=2), checkpoint=tmp_path / "c.pt",
+                progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(steps: 2 → 3\)"):
+        T.train_rag(_model(toy), EXAMPLES, _cfg(steps=3), checkpoint=tmp_path / "c.pt",
+                    progress=False)
+
+
 def test_answer_refuses_an_unknown_marginalization(toy):
     with pytest.raises(ValueError, match="unknown marginalization"):
         _model(toy).answer([EXAMPLES[0].question], marginalization="bogus", n_docs=1)
@@ -557,8 +566,19 @@ def test_train_rag_on_the_device(toy, cpu_baseline, device, monkeypatch, tmp_pat
 
     # resuming on the device: the CPU-mapped checkpoint goes back onto the device's weights
     path = tmp_path / "rag.pt"
-    T.train_rag(_model(toy, dropout=0.0).to(device), cpu_baseline.examples, _cfg(steps=2),
-                checkpoint=path, progress=False)
+    first = _model(toy, dropout=0.0).to(device)
+    loss, calls = first.loss, []
+
+    def interrupted_loss(*args, **kwargs):  # Ctrl-C in the forward pass of step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    first.loss = interrupted_loss
+    with pytest.raises(KeyboardInterrupt):
+        T.train_rag(first, cpu_baseline.examples, _cfg(steps=3), checkpoint=path,
+                    progress=False)
     resumed = _model(toy, dropout=0.0).to(device)
     again = T.train_rag(resumed, cpu_baseline.examples, _cfg(steps=3), checkpoint=path,
                         progress=False)
