@@ -279,7 +279,8 @@ class DenseIndex:
                             f"{name!r} gives {dim}-dimensional vectors; use the encoder the index "
                             "was built with, or rebuild the index with this one "
                             "(ragbook index ...)")
-        if accepted and name is not None and name not in accepted:
+        lineage = {name, *getattr(encoder, "trained_from", [])}  # fine-tuned from one?
+        if accepted and name is not None and not lineage & accepted:
             raise DataError(f"{where} was built with encoder {built}, but the query encoder is "
                             f"{name!r}: their inner products are meaningless. Load the encoder "
                             "the index was built with, or rebuild the index (ragbook index ...)")

@@ -39,6 +39,7 @@ from .config import Preset, resolve_model
 from .data import Example, Passage, load_corpus, load_task
 from .index import SearchResult, corpus_fingerprint
 
+LINEAGE_FILE = "ragbook_encoder.json"
 POOLINGS = ("mean", "cls")
 # How a passage is shown to BERT_d; part of the cache key of every passage embedding.
 PASSAGE_FORMAT = "title [SEP] text"
@@ -68,6 +69,9 @@ class Encoder(torch.nn.Module):
         self.name, self.pooling, self.normalize, self.max_length = (
             name, pooling, normalize, max_length)
         path = resolve_model(name)
+        lineage = Path(path) / LINEAGE_FILE  # written by save_pretrained after fine-tuning
+        self.trained_from: list[str] = (json.loads(lineage.read_text())["trained_from"]
+                                        if lineage.is_file() else [])
         config = AutoConfig.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.is_dpr = config.model_type == "dpr"
@@ -155,9 +159,13 @@ class Encoder(torch.nn.Module):
         return self.encode(self.passage_texts(passages), batch_size=batch_size, progress=progress)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save weights and tokenizer so that ``Encoder(str(path), ...)`` loads them back."""
+        """Save weights and tokenizer so that ``Encoder(str(path), ...)`` loads them back,
+        with the names of the checkpoints it was fine-tuned from: a fine-tuned BERT_q still
+        lives in the vector space of the index its starting point was built for."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        (Path(path) / LINEAGE_FILE).write_text(
+            json.dumps({"trained_from": [self.name, *self.trained_from]}, indent=2))
 
 
 def load_encoders(preset: Preset) -> tuple[Encoder, Encoder]:

@@ -405,8 +405,7 @@ def trained_rag(preset, task: str = "entity-qa", cfg: RagTrainConfig | None = No
                           checkpoint=run_dir / "checkpoint.pt", progress=progress)
         model.generator.save_pretrained(out / "generator")
         model.tokenizer.save_pretrained(out / "generator")
-        model.query_encoder.model.save_pretrained(out / "query_encoder")
-        model.query_encoder.tokenizer.save_pretrained(out / "query_encoder")
+        model.query_encoder.save_pretrained(out / "query_encoder")
         atomic_write_bytes(out / "history.json", json.dumps(state).encode())
 
     path = cached("rag-model", params, build)

@@ -299,6 +299,20 @@ def test_trained_query_encoder_is_a_cached_recipe(tiny_bert, tmp_path, monkeypat
     again = R.trained_query_encoder(preset, steps=20, batch_size=4, lr=3e-3, progress=False)
     assert again.name == trained.name
 
+    # the fine-tuned BERT_q still belongs to the index built with the encoder it started from
+    from ragbook.data import DataError
+    from ragbook.index import DenseIndex
+
+    assert trained.trained_from == [tiny_bert]
+    index = DenseIndex.build(start.encode_passages(passages, progress=False), passages,
+                             metadata={"encoder": tiny_bert, "pooling": "mean"}, progress=False)
+    index.check_encoder(trained)
+    other = DenseIndex.build(start.encode_passages(passages, progress=False), passages,
+                             metadata={"encoder": "another-model", "pooling": "mean"},
+                             progress=False)
+    with pytest.raises(DataError, match="meaningless"):
+        other.check_encoder(trained)
+
 
 # --------------------------------------------------------------------------- BM25 and hybrid
 
