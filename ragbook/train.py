@@ -205,7 +205,8 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
         if forced:
             raise KeyboardInterrupt
 
-    main = threading.current_thread() is threading.main_thread()
+    main = (threading.current_thread() is threading.main_thread()  # Python's own Ctrl-C only:
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # not if ignored
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not progress)
     try:
