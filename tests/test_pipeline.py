@@ -62,13 +62,7 @@ CORPUS, EXAMPLES = _world()
 KEYS = {e.question: e.question.split("home of ")[1][:-1] for e in EXAMPLES}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; a shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +121,20 @@ def _cfg(**overrides) -> T.RagTrainConfig:
     base = dict(n_docs=K, steps=8, batch_size=4, lr=3e-3, query_lr=1e-3, warmup=2,
                 checkpoint_every=3, seed=0)
     return T.RagTrainConfig(**{**base, **overrides})
+
+
+def _ctrl_c_at_step(model, step: int):
+    """``model`` whose loss raises KeyboardInterrupt in the forward pass of ``step``."""
+    loss, calls = model.loss, []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    model.loss = interrupted_loss
+    return model
 
 
 def _snapshot(module) -> dict:
@@ -238,16 +246,7 @@ def _files(path) -> list[str]:
 def test_an_interrupted_run_resumes_to_the_same_parameters(toy, reference, tmp_path,
                                                            monkeypatch):
     path = tmp_path / "rag.pt"
-    model = _model(toy)
-    loss, calls = model.loss, []
-
-    def interrupted_loss(*args, **kwargs):  # Ctrl-C in the forward pass of step 6
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return loss(*args, **kwargs)
-
-    model.loss = interrupted_loss
+    model = _ctrl_c_at_step(_model(toy), 6)
     with pytest.raises(KeyboardInterrupt):
         T.train_rag(model, EXAMPLES, _cfg(), checkpoint=path, progress=False)
     saved = torch.load(path, weights_only=False)
@@ -566,16 +565,7 @@ def test_train_rag_on_the_device(toy, cpu_baseline, device, monkeypatch, tmp_pat
 
     # resuming on the device: the CPU-mapped checkpoint goes back onto the device's weights
     path = tmp_path / "rag.pt"
-    first = _model(toy, dropout=0.0).to(device)
-    loss, calls = first.loss, []
-
-    def interrupted_loss(*args, **kwargs):  # Ctrl-C in the forward pass of step 3
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return loss(*args, **kwargs)
-
-    first.loss = interrupted_loss
+    first = _ctrl_c_at_step(_model(toy, dropout=0.0).to(device), 3)
     with pytest.raises(KeyboardInterrupt):
         T.train_rag(first, cpu_baseline.examples, _cfg(steps=3), checkpoint=path,
                     progress=False)
