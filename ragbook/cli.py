@@ -267,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a BART generator answers from each; RAG marginalizes over z.",
         epilog="Start with `ragbook reproduce`; the notebooks explain each step.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from .reproduce import ReproduceConfig
+
+    defaults = ReproduceConfig()  # reproduce's sizes; `ask` loads reproduce's cached model
 
     p = sub.add_parser(
-        "reproduce", help="run the course's whole pipeline in the tiny preset (~15 min, CPU)",
+        "reproduce", help="run the course's whole pipeline in the tiny preset (CPU, offline)",
         description="Data, retriever, index, the shipped generator, closed-book BART and both "
         "RAG models (trained once, then cached under $RAGBOOK_CACHE), and every experiment: "
         "the paper's Tables 1, 2 and 6 and Figure 3 at course scale, and index hot-swapping. "
@@ -277,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the results table.")
     p.add_argument("--data-only", action="store_true",
                    help="only prepare the data and print its statistics")
-    p.add_argument("--rag-steps", type=int, default=250, help="joint fine-tuning steps")
-    p.add_argument("--eval-questions", type=int, default=400,
+    p.add_argument("--rag-steps", type=int, default=defaults.rag_steps,
+                   help="joint fine-tuning steps")
+    p.add_argument("--eval-questions", type=int, default=defaults.eval_questions,
                    help="test questions per task")
     p.add_argument("--runs-dir", default="runs", help="where run directories are written")
     p.add_argument("--seed", type=int, default=0)
@@ -294,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
     p.add_argument("-k", type=int, default=5, help="passages retrieved (default 5)")
     p.add_argument("--beams", type=int, default=4, help="beam size (1: greedy)")
-    p.add_argument("--steps", type=int, default=250, help="joint fine-tuning steps")
+    p.add_argument("--steps", type=int, default=defaults.rag_steps,
+                   help="joint fine-tuning steps (reproduce's model by default)")
     p.add_argument("--preset", default="tiny")
     p.set_defaults(func=cmd_ask)
 
