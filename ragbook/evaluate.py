@@ -176,14 +176,17 @@ def k_sweep(model, examples: Sequence[Example], ks: Sequence[int] = (1, 2, 5, 10
 
 
 def edit_facts(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
-    """Pick ``n`` entity-QA facts and invent a new answer (a new article title) for each."""
+    """Pick ``n`` entity-QA facts and give each a new answer: the chosen articles' titles are
+    passed round a cycle (A's article now names B, B's names C, …, the last names A), as the
+    holders of offices change between two Wikipedia dumps. Every new answer is a real name the
+    old index gives to another article, so only the index can tell which is right."""
     import random
 
-    rng = random.Random(f"hot-swap/{seed}")
-    syllables = ["ka", "lo", "mir", "ven", "dra", "sel", "tor", "bi", "qu", "zen", "ar", "ny"]
-    chosen = rng.sample(list(examples), min(n, len(examples)))
-    return {e.article: "".join(rng.choice(syllables) for _ in range(3)).capitalize() + " "
-            + "".join(rng.choice(syllables) for _ in range(2)).capitalize() for e in chosen}
+    articles = sorted({e.article for e in examples})
+    chosen = random.Random(f"hot-swap/{seed}").sample(articles, min(n, len(articles)))
+    if len(chosen) < 2:
+        return {}  # one article has no other name to take
+    return dict(zip(chosen, chosen[1:] + chosen[:1]))
 
 
 def edited_corpus(corpus: Sequence[Passage], edits: dict[str, str]) -> list[Passage]:
@@ -204,15 +207,16 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     share answered with the *new* answer after the swap, and ``kept`` the share still
     answered with the old one once the original index is swapped back.
     """
-    from .retriever import load_encoders
+    from .retriever import BM25Retriever, load_encoders
 
     correct = [p.em for p in evaluate_rag(model, examples, progress=progress)[1]]
     known = [e for e, c in zip(examples, correct) if c]
     edits = edit_facts(known, n_facts, seed)
     facts = [e for e in known if e.article in edits]
-    original_index, original_vectors = model.index, model.doc_vectors
+    original_index, original_vectors, original_bm25 = model.index, model.doc_vectors, model.bm25
     corpus = edited_corpus(original_index.passages, edits)
-    changed = [i for i, p in enumerate(corpus) if p.title in edits.values()]
+    changed = [i for i, (old, new) in enumerate(zip(original_index.passages, corpus))
+               if new is not old]
     vectors = original_vectors.cpu().numpy().copy()  # only the edited passages are re-encoded
     if changed:
         doc_encoder = load_encoders(model.preset)[1]
@@ -225,9 +229,12 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     try:
         model.index = original_index.swap(new_index)
         model.doc_vectors = torch_from(vectors, original_vectors)
+        if original_bm25 is not None:  # a hybrid prior: its BM25 half reads the new text too
+            model.bm25 = BM25Retriever(corpus)
         after = evaluate_rag(model, swapped, progress=progress)[1]
     finally:
         model.index, model.doc_vectors = original_index, original_vectors
+        model.bm25 = original_bm25
     before = evaluate_rag(model, facts, progress=progress)[1]
     return {"facts": len(facts),
             "followed": sum(p.em for p in after) / max(1, len(facts)),

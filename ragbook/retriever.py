@@ -424,6 +424,14 @@ class BM25Retriever:
         self.model = bm25s.BM25()
         self.model.index(tokens, show_progress=False)
 
+    def scores(self, questions: Sequence[str]) -> np.ndarray:
+        """BM25(x, z) of every passage z for each question x: (len(questions), n_passages)."""
+        import bm25s
+
+        tokens = bm25s.tokenize(list(questions), stopwords="en", return_ids=False,
+                                show_progress=False)
+        return np.stack([self.model.get_scores(t) for t in tokens]).astype(np.float32)
+
     def search(self, questions: Sequence[str], k: int = 5) -> SearchResult:
         import bm25s
 

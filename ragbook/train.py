@@ -329,7 +329,7 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
     cfg = cfg or RagTrainConfig()
     if not examples:
         raise ValueError("train_rag needs at least one training example")
-    train_retriever = not cfg.freeze_retriever and model.bm25 is None
+    train_retriever = not cfg.freeze_retriever and model.index is not None
     model.query_encoder.requires_grad_(train_retriever)
     groups = [{"params": list(model.generator.parameters()), "lr": cfg.lr}]
     if train_retriever:
