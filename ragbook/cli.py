@@ -41,7 +41,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.data_only:
         return 0
     cfg = ReproduceConfig(rag_steps=args.rag_steps, eval_questions=args.eval_questions,
-                          seed=args.seed)
+                          retriever=args.retriever, seed=args.seed)
     results = run(cfg, runs_dir=args.runs_dir)
     print()
     print(results_table(results))
@@ -57,7 +57,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print("Loading the jointly trained RAG model (trained and cached on first use)…",
           file=sys.stderr)
     model = trained_rag(preset, "entity-qa", RagTrainConfig(
-        marginalization=args.model, steps=args.steps, n_docs=preset.n_docs, seed=preset.seed))
+        marginalization=args.model, steps=args.steps, n_docs=preset.n_docs, seed=preset.seed),
+        retriever=args.retriever)
     prediction = model.answer([args.question], marginalization=args.model, n_docs=args.k,
                               num_beams=args.beams)[0]
     print(f"answer: {prediction.prediction}")
@@ -259,6 +260,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retriever_option(p: argparse.ArgumentParser, defaults) -> None:
+    p.add_argument("--retriever", choices=("dense", "bm25", "hybrid"), default=defaults.retriever,
+                   help="RAG's prior p(z|x): dense (the paper), BM25, or their product "
+                   f"(default {defaults.retriever})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragbook",
@@ -285,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-questions", type=int, default=defaults.eval_questions,
                    help="test questions per task")
     p.add_argument("--runs-dir", default="runs", help="where run directories are written")
+    _retriever_option(p, defaults)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reproduce)
 
@@ -301,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=defaults.rag_steps,
                    help="joint fine-tuning steps (reproduce's model by default)")
     p.add_argument("--preset", default="tiny")
+    _retriever_option(p, defaults)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser(

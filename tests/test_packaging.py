@@ -81,9 +81,16 @@ def test_results_table_puts_ours_beside_the_paper_in_percent():
         "seconds": 12.0,
     }
     table = results_table(results)
-    assert f"| | RAG-Token | 45.0 | {PAPER['rag_token']} |" in table
+    assert f"| | RAG-Token (dense retriever) | 45.0 | {PAPER['rag_token']} |" in table
     assert "| 50.0 / 80.0 / 90.0 |" in table and "k=5: 45.0" in table
-    assert "RAG-Token's trained retriever | 45.0 |" in table  # the baseline beside RAG's EM
+    assert "trained dense retriever (no generator) | 45.0 |" in table  # beside RAG's EM
+    assert "hybrid" not in table
+
+    results["config"] = {"retriever": "hybrid"}  # RAG trained with the product of experts
+    results["retrieval"]["hybrid"] = {"recall@1": 0.6, "recall@5": 0.85, "recall@20": 0.95}
+    table = results_table(results)
+    assert "| | RAG-Sequence (hybrid retriever) | 40.0 |" in table
+    assert "jointly trained BERT_q | 60.0 / 85.0 / 95.0 |" in table
 
 
 def test_eval_command_scores_a_predictions_file(tmp_path, capsys):
