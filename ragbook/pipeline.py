@@ -95,8 +95,9 @@ class RagModel(torch.nn.Module):
 
     def retrieve(self, questions: Sequence[str], n_docs: int | None = None,
                  grad: bool = False) -> Retrieved:
-        """Top-k passages and ``doc_scores`` = scale · d(z)ᵀq(x); differentiable in q if
-        ``grad`` (joint training), the document vectors staying frozen as in the paper."""
+        """Top-k passages and ``doc_scores`` = scale · d(z)ᵀq(x) (+ w · BM25(x, z) for the
+        hybrid prior); differentiable in q if ``grad`` (joint training), the document vectors
+        staying frozen as in the paper."""
         k = n_docs or self.preset.n_docs
         if self.index is None:
             found = self.bm25.search(list(questions), k)
@@ -116,9 +117,10 @@ class RagModel(torch.nn.Module):
 
     def _hybrid(self, questions: Sequence[str], q: Tensor, k: int) -> Retrieved:
         """Top-k under the product of the dense and BM25 experts (the module docstring)."""
-        depth = max(k, HYBRID_DEPTH)
-        dense = self.index.search(q.detach().float().cpu().numpy(), depth).indices
         bm25 = self.bm25.scores(questions)  # (batch, corpus)
+        depth = min(max(k, HYBRID_DEPTH), bm25.shape[1])
+        k = min(k, depth)
+        dense = self.index.search(q.detach().float().cpu().numpy(), depth).indices
         sparse = np.argpartition(-bm25, depth - 1, axis=1)[:, :depth]
         candidates = np.concatenate([dense, sparse], axis=1)
         repeated = np.ones(candidates.shape, dtype=bool)  # a passage both experts found

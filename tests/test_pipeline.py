@@ -346,6 +346,9 @@ def test_hybrid_prior_is_the_product_of_the_dense_and_bm25_experts(toy):
     best = full.topk(K, dim=1)
     torch.testing.assert_close(found.doc_scores.detach(), best.values)
     assert [[CORPUS.index(p) for p in row] for row in found.passages] == best.indices.tolist()
+    everything = model.retrieve(questions, 50)  # k beyond the corpus: each passage once
+    assert all(sorted(p.id for p in row) == sorted(p.id for p in CORPUS)
+               for row in everything.passages)
     found.doc_scores.sum().backward()  # the dense expert still trains BERT_q
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.query_encoder.parameters())
