@@ -430,7 +430,9 @@ class BM25Retriever:
 
         tokens = bm25s.tokenize(list(questions), stopwords="en", return_ids=False,
                                 show_progress=False)
-        return np.stack([self.model.get_scores(t) for t in tokens]).astype(np.float32)
+        n = len(self.passages)  # a question of stop words only matches nothing: all zeros
+        return np.stack([self.model.get_scores(t) if t else np.zeros(n) for t in tokens]
+                        ).astype(np.float32)
 
     def search(self, questions: Sequence[str], k: int = 5) -> SearchResult:
         import bm25s

@@ -346,6 +346,8 @@ def test_hybrid_prior_is_the_product_of_the_dense_and_bm25_experts(toy):
     best = full.topk(K, dim=1)
     torch.testing.assert_close(found.doc_scores.detach(), best.values)
     assert [[CORPUS.index(p) for p in row] for row in found.passages] == best.indices.tolist()
+    assert not toy.bm25.scores(["the of and"]).any()  # stop words only: BM25 has no opinion
+    assert len(model.retrieve(["the of and"], K).passages[0]) == K
     everything = model.retrieve(questions, 50)  # k beyond the corpus: each passage once
     assert all(sorted(p.id for p in row) == sorted(p.id for p in CORPUS)
                for row in everything.passages)
