@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import data
+from .config import RETRIEVERS
 
 
 def _stats_table() -> str:
@@ -261,7 +262,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _retriever_option(p: argparse.ArgumentParser, defaults) -> None:
-    p.add_argument("--retriever", choices=("dense", "bm25", "hybrid"), default=defaults.retriever,
+    p.add_argument("--retriever", choices=RETRIEVERS, default=defaults.retriever,
                    help="RAG's prior p(z|x): dense (the paper), BM25, or their product "
                    f"(default {defaults.retriever})")
 

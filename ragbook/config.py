@@ -36,6 +36,7 @@ class Preset:
 
 
 MINILM = "all-MiniLM-L6-v2"
+RETRIEVERS = ("dense", "bm25", "hybrid")  # RAG's prior p_η(z|x): pipeline.RagModel
 
 
 def minilm_path() -> str:

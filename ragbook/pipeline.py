@@ -24,13 +24,12 @@ import torch
 from torch import Tensor
 
 from . import rag
-from .config import Preset
+from .config import RETRIEVERS, Preset
 from .data import Example, Passage
 from .evaluate import Prediction
 from .generator import encode_inputs, encode_targets, token_logprobs
 
 MARGINALIZATIONS = {"sequence": rag.rag_sequence_loss, "token": rag.rag_token_loss}
-RETRIEVERS = ("dense", "bm25", "hybrid")
 # w in the hybrid prior: BM25 scores of the built-in questions peak around 8, the dense logits
 # (scale 20 × cosine) around 12. Chosen on the 979 dev questions with the untrained MiniLM
 # (benchmarks/hybrid_prior.py): R@1/5 0.40/0.73 dense, 0.52/0.73 BM25, 0.54/0.82 at w = 1,
@@ -88,6 +87,13 @@ class RagModel(torch.nn.Module):
             return cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
         return cls(preset, query_encoder, generator, tokenizer,
                    corpus_index(preset, kind=index_kind), passage_embeddings(preset), bm25=bm25)
+
+    def with_bm25(self, bm25) -> RagModel:
+        """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
+        the dense retriever alone — sharing its encoders, generator and index."""
+        return RagModel(self.preset, self.query_encoder, self.generator, self.tokenizer,
+                        self.index, self.doc_vectors.cpu().numpy(), bm25=bm25,
+                        bm25_weight=self.bm25_weight)
 
     @property
     def device(self) -> torch.device:

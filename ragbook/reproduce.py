@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import evaluate as ev
 from .artifacts import atomic_write_bytes
-from .config import get_preset
+from .config import RETRIEVERS, get_preset
 from .data import load_task
 
 # Lewis et al. (2020), Tables 1 and 2 (NQ exact match; Jeopardy Q-BLEU-1; FEVER-3 accuracy).
@@ -46,7 +46,7 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         progress: bool = True) -> dict:
     """Run every experiment and write the run directory; returns ``results.json``'s content."""
     from .generator import generate_answers
-    from .pipeline import RETRIEVERS, RagModel
+    from .pipeline import RagModel
     from .plots import plot_k_sweep, plot_training
     from .train import RagTrainConfig, trained_closed_book, trained_rag
 
@@ -78,13 +78,12 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
 
     # Table 6 (retrieval half): frozen MiniLM, BM25 — and below, after joint training.
     frozen = RagModel.from_preset(preset)
-    parts = dict(generator=frozen.generator, tokenizer=frozen.tokenizer,
-                 query_encoder=frozen.query_encoder)
-    bm25 = RagModel.from_preset(preset, retriever="bm25", **parts)
+    bm25 = RagModel.from_preset(preset, retriever="bm25", generator=frozen.generator,
+                                tokenizer=frozen.tokenizer, query_encoder=frozen.query_encoder)
     results["retrieval"] = {"frozen": _recall(ev.retrieval_recall(frozen, qa)),
                             "bm25": _recall(ev.retrieval_recall(bm25, qa))}
-    if cfg.retriever == "hybrid":
-        hybrid_frozen = RagModel.from_preset(preset, retriever="hybrid", **parts)
+    if cfg.retriever == "hybrid":  # the same BM25 index as above, not a second one
+        hybrid_frozen = frozen.with_bm25(bm25.bm25)
         results["retrieval"]["hybrid_frozen"] = _recall(ev.retrieval_recall(hybrid_frozen, qa))
     results["baselines"] = {"top1_title_em": ev.top1_title_baseline(frozen, qa)}
 
@@ -107,8 +106,7 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         lap(f"{name}: training and evaluation")
     results["entity_qa"] = entity
     trained = models["rag_token"]
-    dense = RagModel(preset, trained.query_encoder, trained.generator, trained.tokenizer,
-                     trained.index, trained.doc_vectors.cpu().numpy())  # BERT_q on its own
+    dense = trained.with_bm25(None)  # BERT_q on its own
     results["retrieval"]["finetuned"] = _recall(ev.retrieval_recall(dense, qa))
     if cfg.retriever == "hybrid":
         results["retrieval"]["hybrid"] = _recall(ev.retrieval_recall(trained, qa))

@@ -351,6 +351,10 @@ def test_hybrid_prior_is_the_product_of_the_dense_and_bm25_experts(toy):
     everything = model.retrieve(questions, 50)  # k beyond the corpus: each passage once
     assert all(sorted(p.id for p in row) == sorted(p.id for p in CORPUS)
                for row in everything.passages)
+    dense = model.with_bm25(None)  # the same weights, the dense expert alone
+    assert dense.query_encoder is model.query_encoder and dense.generator is model.generator
+    assert dense.retrieve(questions, K).passages == _model(toy).retrieve(questions, K).passages
+    assert dense.with_bm25(toy.bm25).retrieve(questions, K).passages == found.passages
     found.doc_scores.sum().backward()  # the dense expert still trains BERT_q
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.query_encoder.parameters())
