@@ -92,6 +92,11 @@ def load_articles() -> tuple[dict, ...]:
     )
 
 
+def article_topics() -> dict[str, str]:
+    """The topic of every built-in article (one of 12, from the vital-articles list)."""
+    return {a["title"]: a["topic"] for a in load_articles()}
+
+
 def split_passages(title: str, text: str, max_words: int = PASSAGE_WORDS) -> list[Passage]:
     """Split one article into consecutive passages of at most ``max_words`` words.
 

@@ -12,7 +12,7 @@ import json
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -175,43 +175,73 @@ def k_sweep(model, examples: Sequence[Example], ks: Sequence[int] = (1, 2, 5, 10
     return {"k": list(ks), "em": em, "recall": [recall[k] for k in ks]}
 
 
-def edit_facts(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
+def edit_facts(examples: Sequence[Example], n: int, seed: int = 0,
+               kinds: Mapping[str, str] | None = None) -> dict[str, str]:
     """Pick ``n`` entity-QA facts and give each a new answer: the chosen articles' titles are
     passed round a cycle (A's article now names B, B's names C, …, the last names A), as the
     holders of offices change between two Wikipedia dumps. Every new answer is a real name the
-    old index gives to another article, so only the index can tell which is right."""
+    old index gives to another article, so only the index can tell which is right.
+
+    ``kinds`` (article → kind, e.g. the built-in corpus's topics from
+    :func:`ragbook.data.article_topics`) keeps each cycle within one kind, as the paper's
+    leaders were replaced by other leaders: a country is renamed after another country, not
+    after a theorem. Articles alone of their kind among the chosen share one mixed cycle.
+    """
     import random
 
     articles = sorted({e.article for e in examples})
     chosen = random.Random(f"hot-swap/{seed}").sample(articles, min(n, len(articles)))
-    if len(chosen) < 2:
-        return {}  # one article has no other name to take
-    return dict(zip(chosen, chosen[1:] + chosen[:1]))
+    groups: dict[str, list[str]] = {}
+    for a in chosen:
+        groups.setdefault(kinds.get(a, "") if kinds else "", []).append(a)
+    cycles = [g for g in groups.values() if len(g) > 1]
+    alone = [g[0] for g in groups.values() if len(g) == 1]
+    if len(alone) > 1:
+        cycles.append(alone)
+    elif alone and cycles:
+        cycles[0].append(alone[0])
+    return {a: b for cycle in cycles for a, b in zip(cycle, cycle[1:] + cycle[:1])}
+
+
+def _bare(title: str) -> str:
+    """A title without its disambiguation: "Georgia (country)" → "Georgia"."""
+    return re.sub(r"\s*\([^)]*\)$", "", title)
 
 
 def edited_corpus(corpus: Sequence[Passage], edits: dict[str, str]) -> list[Passage]:
     """A copy of ``corpus`` where each edited article is renamed, in its title and its text:
-    the course's analogue of swapping the 2016 Wikipedia index for the 2018 one."""
+    the course's analogue of swapping the 2016 Wikipedia index for the 2018 one. The text
+    names the entity as prose does — in any case ("A sail is …"), without the title's
+    disambiguation — and every such mention takes the new name, so no edited passage still
+    states the old one."""
     out = []
     for p in corpus:
         new = edits.get(p.title)
-        out.append(p if new is None else Passage(p.id, new, p.text.replace(p.title, new)))
+        if new is None:
+            out.append(p)
+            continue
+        names = sorted({p.title, _bare(p.title)}, key=len, reverse=True)
+        mention = re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in names),
+                             re.IGNORECASE)
+        name = _bare(new).replace("\\", r"\\")  # a literal replacement, not a template
+        out.append(Passage(p.id, new, mention.sub(name, p.text)))
     return out
 
 
 def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 0,
-             progress: bool = False) -> dict:
+             progress: bool = False, kinds: Mapping[str, str] | None = None) -> dict:
     """Swap the index for one built over an edited corpus, without retraining.
 
     Among facts the model answers correctly with the original index, ``followed`` is the
     share answered with the *new* answer after the swap, and ``kept`` the share still
-    answered with the old one once the original index is swapped back.
+    answered with the old one once the original index is swapped back. ``kinds``: see
+    :func:`edit_facts`.
     """
     from .retriever import BM25Retriever, load_encoders
 
     correct = [p.em for p in evaluate_rag(model, examples, progress=progress)[1]]
     known = [e for e, c in zip(examples, correct) if c]
-    edits = edit_facts(known, n_facts, seed)
+    edits = edit_facts(known, n_facts, seed, kinds)
     facts = [e for e in known if e.article in edits]
     original_index, original_vectors, original_bm25 = model.index, model.doc_vectors, model.bm25
     corpus = edited_corpus(original_index.passages, edits)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .artifacts import cached
-from .config import Preset, resolve_model
+from .config import Preset, autocast, bf16_supported, resolve_model
 from .data import Example, Passage, load_corpus, load_task
 from .index import SearchResult, corpus_fingerprint
 
@@ -123,7 +123,8 @@ class Encoder(torch.nn.Module):
         """Vectors for many texts, (n, dim) float32, without gradients.
 
         Texts are encoded longest first, in batches of similar length, so that little compute
-        is spent on padding; the rows come back in the order of ``texts``.
+        is spent on padding; the rows come back in the order of ``texts``. Where the device
+        runs bf16 natively the products run in bf16 (``config.autocast``).
         """
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -134,7 +135,7 @@ class Encoder(torch.nn.Module):
         order = np.argsort(lengths, kind="stable")[::-1]
         was_training = self.training
         self.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device):
             for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {len(texts)}",
                               unit="batch", disable=not progress):
                 rows = order[start:start + batch_size]
@@ -207,16 +208,16 @@ def passage_embeddings(preset: Preset, passages: Sequence[Passage] | None = None
     under ``$RAGBOOK_CACHE/passage_embeddings`` (on a GPU when there is one).
     """
     passages = load_corpus() if passages is None else list(passages)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     params = {"encoder": preset.doc_encoder, "pooling": preset.pooling,
               "normalize": preset.normalize, "max_length": preset.max_passage_length,
               "format": PASSAGE_FORMAT, "corpus": corpus_fingerprint(passages),
-              "n": len(passages)}
+              "n": len(passages), "bf16": bf16_supported(device)}
 
     def build(tmp: Path) -> None:
         encoder = Encoder(preset.doc_encoder, preset.pooling, preset.normalize,
                           preset.max_passage_length)
-        if torch.cuda.is_available():  # Colab: the paper preset's BERT-base wants a GPU
-            encoder.cuda()
+        encoder.to(device)  # Colab: the paper preset's BERT-base wants a GPU
         np.save(tmp / "embeddings.npy",
                 encoder.encode_passages(passages, batch_size=batch_size, progress=progress))
 

@@ -426,10 +426,33 @@ def test_edited_corpus_changes_exactly_the_chosen_facts():
         if old.title in edits:
             assert new.title == edits[old.title]
             assert new.text == old.text.replace(old.title, edits[old.title])
-            assert new.text != old.text
+            assert new.text != old.text and old.title not in new.text
         else:
             assert new is old
     assert CORPUS == _world()[0]  # the original is not touched
+
+
+def test_edits_cycle_within_a_kind_when_kinds_are_given():
+    kinds = {t: "vowel" if t[0] in "AEIOU" else "consonant" for t in TOWNS}
+    edits = edit_facts(EXAMPLES, 10, seed=0, kinds=kinds)  # 3 vowels, 7 consonants
+    assert len(edits) == 10 and set(edits.values()) == set(edits)
+    assert all(kinds[old] == kinds[new] for old, new in edits.items())
+    few = edit_facts(EXAMPLES, 6, seed=0, kinds=kinds)
+    assert sorted(few) == sorted(edit_facts(EXAMPLES, 6, seed=0))  # the same facts chosen
+    assert sum(kinds[old] != kinds[new] for old, new in few.items()) <= 2  # one lone kind
+    alone = {t: t for t in TOWNS}  # every article its own kind: one mixed cycle, as before
+    assert edit_facts(EXAMPLES, 6, seed=0, kinds=alone) == edit_facts(EXAMPLES, 6, seed=0)
+
+
+def test_an_edit_renames_every_prose_mention_of_the_entity():
+    corpus = [Passage("s::0", "Sail", "A sail is a sail. Sailing ships carry sails."),
+              Passage("g::0", "Georgia (country)", "Georgia is a country. GEORGIA!"),
+              Passage("x::0", "Other", "A sail near Georgia.")]
+    edited = edited_corpus(corpus, {"Sail": "Georgia (country)", "Georgia (country)": "Sail"})
+    assert [p.title for p in edited] == ["Georgia (country)", "Sail", "Other"]
+    assert edited[0].text == "A Georgia is a Georgia. Sailing ships carry sails."
+    assert edited[1].text == "Sail is a country. Sail!"
+    assert edited[2] is corpus[2]  # other articles keep what they say
 
 
 def test_hot_swap_serves_the_edited_index_then_restores_the_original(toy, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, BertTokenizer, DPRConfig
 
+from ragbook import config as C
 from ragbook import retriever as R
 from ragbook.config import MINILM, get_preset, resolve_model
 from ragbook.data import Example, Passage
@@ -145,6 +146,34 @@ def test_minilm_mean_pooling_equals_sentence_transformers():
     np.testing.assert_allclose(enc.encode(TEXTS, progress=False), expected, atol=1e-5)
 
 
+needs_bf16 = pytest.mark.skipif(not C.bf16_supported("cpu"),
+                                reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+
+
+def test_bf16_is_off_when_asked_and_where_the_hardware_lacks_it(monkeypatch):
+    monkeypatch.setenv("RAGBOOK_BF16", "0")
+    assert not C.bf16_supported("cpu") and not C.autocast("cpu")._enabled
+    monkeypatch.setenv("RAGBOOK_BF16", "1")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not C.bf16_supported("cpu") and not C.autocast("cpu")._enabled
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert C.bf16_supported("cpu") and C.autocast("cpu").fast_dtype == torch.bfloat16
+
+
+@needs_bf16
+def test_bf16_encoding_gives_minilm_vectors_equal_to_fp32(monkeypatch):
+    """bf16 products with fp32 accumulation: the same directions, to cosine 0.9999."""
+    enc = R.Encoder(MINILM, pooling="mean", normalize=True, max_length=128)
+    exact = enc.encode(TEXTS, progress=False)
+    monkeypatch.setenv("RAGBOOK_BF16", "1")
+    with torch.inference_mode(), C.autocast("cpu"):
+        assert enc(TEXTS[:1]).dtype == torch.float32  # layer norms and pooling in fp32
+        assert enc.backbone(**enc.tokenize(TEXTS[:1])).pooler_output.dtype == torch.bfloat16
+    fast = enc.encode(TEXTS, progress=False)
+    assert fast.dtype == np.float32 and not np.array_equal(fast, exact)
+    assert (np.sum(fast * exact, axis=1) > 0.9999).all()
+
+
 # --------------------------------------------------------------------------- scores and loss
 
 
@@ -274,6 +303,10 @@ def test_passage_embeddings_are_cached_per_corpus(tiny_bert, tmp_path, monkeypat
     assert R.corpus_fingerprint(changed) != R.corpus_fingerprint(passages)
     with pytest.raises(AssertionError, match="rebuilt"):
         R.passage_embeddings(preset, changed)
+    monkeypatch.setenv("RAGBOOK_BF16", "1")  # bf16 vectors are another artifact
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with pytest.raises(AssertionError, match="rebuilt"):
+        R.passage_embeddings(preset, passages)
 
 
 def test_trained_query_encoder_is_a_cached_recipe(tiny_bert, tmp_path, monkeypatch):
