@@ -2,10 +2,12 @@
 
 Both encode the *same* passages ("title [SEP] text" of the built-in corpus, a fixed random
 sample) with the *same* checkpoint (all-MiniLM-L6-v2), mean pooling, L2 normalisation, batch
-size and maximum length. Rounds alternate between the two, so that a change in the machine's
-load hits both; the report gives each one's best round and the median of the per-round
-throughput ratios (target: ragbook / sentence-transformers ≥ 0.95). The vectors are also
-compared: they must agree to 1e-4.
+size and maximum length. ragbook runs twice: in fp32 (``RAGBOOK_BF16=0``), and with bf16
+matrix products where the CPU has them natively (``config.autocast``, ragbook's default).
+Rounds rotate the order, so that a change in the machine's load hits every contestant; the
+report gives each one's best round and the median of the per-round throughput ratios against
+sentence-transformers (target for fp32: ≥ 0.95). The vectors are compared too: fp32 must agree
+with sentence-transformers to 1e-4, bf16 must keep every vector's direction to cosine 0.9999.
 
     nice -n 5 python benchmarks/bench_encode.py --n 1024 --rounds 3 --out results.json
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -24,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from ragbook.config import MINILM, resolve_model
+from ragbook.config import MINILM, bf16_supported, resolve_model
 from ragbook.data import load_corpus
 from ragbook.retriever import Encoder
 
@@ -50,51 +53,67 @@ def main() -> None:
     corpus = load_corpus()
     texts = ours.passage_texts(random.Random(args.seed).sample(corpus, min(args.n, len(corpus))))
 
-    def run_ours() -> np.ndarray:
-        return ours.encode(texts, batch_size=args.batch_size, progress=False)
+    def run_ours(bf16: bool):
+        def run() -> np.ndarray:
+            os.environ["RAGBOOK_BF16"] = "1" if bf16 else "0"
+            return ours.encode(texts, batch_size=args.batch_size, progress=False)
+        return run
 
     def run_peer() -> np.ndarray:
         return peer.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
                            normalize_embeddings=False, show_progress_bar=False)
 
-    ours.encode(texts[:args.batch_size], progress=False)  # warm-up: allocator, thread pool
-    peer.encode(texts[:args.batch_size], show_progress_bar=False)
+    contestants = [("ragbook fp32", run_ours(False)), ("sentence-transformers", run_peer)]
+    if bf16_supported("cpu"):
+        contestants.insert(1, ("ragbook bf16", run_ours(True)))
+    for _, fn in contestants:  # warm-up: allocator, thread pool, oneDNN kernels
+        fn()
     rounds = []
     for r in range(args.rounds):
-        row = {}
-        pair = [("ragbook", run_ours), ("sentence-transformers", run_peer)]
-        for name, fn in pair if r % 2 == 0 else pair[::-1]:  # who goes first alternates
+        row, vectors = {}, {}
+        shift = r % len(contestants)  # who goes first rotates
+        for name, fn in contestants[shift:] + contestants[:shift]:
             start = time.perf_counter()
-            vectors = fn()
+            vectors[name] = fn()
             row[name] = len(texts) / (time.perf_counter() - start)
-            row[f"{name} vectors"] = vectors
-        diff = float(np.abs(row["ragbook vectors"] - row["sentence-transformers vectors"]).max())
-        rounds.append({"ragbook": row["ragbook"], "sentence-transformers":
-                       row["sentence-transformers"], "max_abs_diff": diff})
-        print(f"round {r}: ragbook {row['ragbook']:.1f} passages/s, sentence-transformers "
-              f"{row['sentence-transformers']:.1f} passages/s, max |Δ| {diff:.1e}", flush=True)
+        peer_vectors = vectors["sentence-transformers"]
+        row["fp32 max_abs_diff"] = float(np.abs(vectors["ragbook fp32"] - peer_vectors).max())
+        if "ragbook bf16" in vectors:
+            row["bf16 min_cosine"] = float(np.sum(vectors["ragbook bf16"] * peer_vectors,
+                                                  axis=1).min())
+        rounds.append(row)
+        print(f"round {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
 
-    ratios = [x["ragbook"] / x["sentence-transformers"] for x in rounds]
+    names = [name for name, _ in contestants]
+    ratios = {name: [x[name] / x["sentence-transformers"] for x in rounds]
+              for name in names if name != "sentence-transformers"}
     result = {
         "model": MINILM, "passages": len(texts), "batch_size": args.batch_size,
         "max_length": args.max_length, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "best_passages_per_s": {k: max(x[k] for x in rounds)
-                                for k in ("ragbook", "sentence-transformers")},
-        "median_ratio": statistics.median(ratios), "ratios": ratios,
-        "max_abs_diff": max(x["max_abs_diff"] for x in rounds),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "best_passages_per_s": {k: max(x[k] for x in rounds) for k in names},
+        "median_ratio_to_sentence_transformers": {k: statistics.median(v)
+                                                  for k, v in ratios.items()},
+        "ratios": ratios,
+        "fp32_max_abs_diff": max(x["fp32 max_abs_diff"] for x in rounds),
+        "bf16_min_cosine": min((x["bf16 min_cosine"] for x in rounds if "bf16 min_cosine" in x),
+                               default=None),
     }
-    best = result["best_passages_per_s"]
-    print(f"\n| encoder | passages/s (best of {args.rounds}) |\n|---|---|\n"
-          f"| ragbook Encoder.encode | {best['ragbook']:.1f} |\n"
-          f"| SentenceTransformer.encode | {best['sentence-transformers']:.1f} |\n\n"
-          f"ratio ragbook / sentence-transformers: median {result['median_ratio']:.2f} "
-          f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}); "
-          f"vectors agree to {result['max_abs_diff']:.1e}")
+    best, median = result["best_passages_per_s"], result["median_ratio_to_sentence_transformers"]
+    print(f"\n| encoder | passages/s (best of {args.rounds}) | median ratio to "
+          "sentence-transformers |\n|---|---|---|")
+    for name in names:
+        print(f"| {name} | {best[name]:.1f} | {median.get(name, 1.0):.2f} |")
+    print(f"\nfp32 vectors agree with sentence-transformers to {result['fp32_max_abs_diff']:.1e}"
+          + ("" if result["bf16_min_cosine"] is None else
+             f"; bf16 vectors' least cosine to them: {result['bf16_min_cosine']:.6f}"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    assert result["max_abs_diff"] < 1e-4, "the two encoders disagree"
+    assert result["fp32_max_abs_diff"] < 1e-4, "ragbook's fp32 vectors differ from the peer's"
+    assert result["bf16_min_cosine"] is None or result["bf16_min_cosine"] > 0.9999, \
+        "bf16 turned some vector"
 
 
 if __name__ == "__main__":
