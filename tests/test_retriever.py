@@ -161,17 +161,21 @@ def test_bf16_is_off_when_asked_and_where_the_hardware_lacks_it(monkeypatch):
 
 
 @needs_bf16
-def test_bf16_encoding_gives_minilm_vectors_equal_to_fp32(monkeypatch):
-    """bf16 products with fp32 accumulation: the same directions, to cosine 0.9999."""
+def test_passages_are_encoded_in_bf16_with_minilm_vectors_equal_to_fp32(monkeypatch):
+    """bf16 products with fp32 accumulation: the same directions, to cosine 0.9999; questions
+    stay in fp32."""
     enc = R.Encoder(MINILM, pooling="mean", normalize=True, max_length=128)
+    passages = [Passage(f"p{i}", "", t) for i, t in enumerate(TEXTS)]  # read as the text alone
     exact = enc.encode(TEXTS, progress=False)
+    np.testing.assert_array_equal(enc.encode_passages(passages, progress=False), exact)
     monkeypatch.setenv("RAGBOOK_BF16", "1")
     with torch.inference_mode(), C.autocast("cpu"):
         assert enc(TEXTS[:1]).dtype == torch.float32  # layer norms and pooling in fp32
         assert enc.backbone(**enc.tokenize(TEXTS[:1])).pooler_output.dtype == torch.bfloat16
-    fast = enc.encode(TEXTS, progress=False)
+    fast = enc.encode_passages(passages, progress=False)  # BERT_d: bf16 where native
     assert fast.dtype == np.float32 and not np.array_equal(fast, exact)
     assert (np.sum(fast * exact, axis=1) > 0.9999).all()
+    np.testing.assert_array_equal(enc.encode(TEXTS, progress=False), exact)  # questions: fp32
 
 
 # --------------------------------------------------------------------------- scores and loss
