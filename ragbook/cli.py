@@ -81,7 +81,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import PretrainConfig, pretrain
 
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, warmup=args.warmup, seed=args.seed)
+                         lr=args.lr, warmup=args.warmup, seed=args.seed, bf16=args.bf16)
     meta = pretrain(args.out, cfg, work=args.work, device=args.device)
     print(f"step {meta['step']}: held-out denoising loss {meta['heldout_loss']:.3f} "
           f"-> {args.out}")
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 matrix products where the device has them (a GPU, or a CPU with "
+                   "AVX512-BF16 or AMX): ~1.7x faster steps on such a CPU")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(

@@ -94,15 +94,17 @@ def bf16_supported(device: torch.device | str) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def autocast(device: torch.device | str) -> torch.autocast:
-    """bf16 mixed precision where it is native (:func:`bf16_supported`), else a no-op.
+def autocast(device: torch.device | str, enabled: bool = True) -> torch.autocast:
+    """bf16 mixed precision where it is native (:func:`bf16_supported`) and ``enabled``, else
+    a no-op.
 
     Matrix products run in bf16 with fp32 accumulation; layer norms, softmaxes and the losses
     stay in fp32. Measured on a 2-core AVX512-BF16 CPU: the corpus encoding runs 2.1× faster
     with passage vectors equal to fp32's within cosine 0.99998.
     """
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_supported(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=enabled and bf16_supported(device))
 
 
 def cache_dir() -> Path:

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_torch_save, atomic_write_bytes
+from .config import autocast, bf16_supported
 from .data import article_split, load_corpus
 from .generator import pad, shift_right, tiny_config, train_tokenizer
 
@@ -82,6 +83,9 @@ class PretrainConfig:
     checkpoint_every: int = 250
     export_every: int = 1000
     heldout_passages: int = 256
+    # bf16 matrix products where the device has them (config.autocast); measured on 2
+    # AVX512-BF16 cores: 0.6 s a step against 1.0 s in fp32. The shipped generator is fp32.
+    bf16: bool = False
 
 
 def _lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -264,12 +268,15 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
 
+    bf16 = cfg.bf16 and bf16_supported(device)  # what this run really does
+
     def step_fn(step: int) -> float:
         rng = random.Random(f"{cfg.seed}/{step}")
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)]
         batch = {k: v.to(device) for k, v in denoising_batch(texts, tokenizer, cfg, rng).items()}
-        loss = denoising_loss(model, batch)
+        with autocast(device, enabled=bf16):
+            loss = denoising_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -283,7 +290,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
                 "heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
                 "heldout": f"{cfg.heldout_passages} passages of test-split articles, "
                            "fixed noise", "seconds": round(state["seconds"], 1),
-                "device": str(device), "torch": torch.__version__,
+                "device": str(device), "bf16": bf16, "torch": torch.__version__,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "history": state["history"]}
         save_generator(model, tokenizer, out, meta)
@@ -296,7 +303,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     state = resumable_loop(step_fn, {"model": model, "optimizer": optimizer,
                                      "scheduler": scheduler},
                            cfg.steps, work / "checkpoint.pt", cfg.checkpoint_every, "pretrain",
-                           progress, after_step, _settings(cfg))
+                           progress, after_step, {**_settings(cfg), "bf16": bf16})
     return export(state)
 
 

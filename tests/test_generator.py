@@ -2,6 +2,7 @@
 BART's noising functions, resumable pre-training and the shipped tiny BART."""
 
 import json
+import math
 import random
 import re
 
@@ -10,6 +11,7 @@ import torch
 from transformers import BartForConditionalGeneration
 
 from ragbook import generator, train
+from ragbook.config import bf16_supported
 from ragbook.data import Example, Passage, load_corpus
 from ragbook.generator import (
     encode_inputs,
@@ -254,6 +256,30 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["step"] == cfg.steps
+
+
+@pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
+def test_pretraining_in_bf16_runs_under_autocast_and_records_it(tmp_path, monkeypatch,
+                                                                 small_texts):
+    monkeypatch.setattr(train, "pretraining_texts", lambda seed: small_texts)
+    monkeypatch.setenv("RAGBOOK_BF16", "1")
+    seen, real = [], train.denoising_loss
+
+    def spy(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(model, batch)
+
+    monkeypatch.setattr(train, "denoising_loss", spy)
+    for bf16 in (True, False):
+        seen.clear()
+        cfg = train.PretrainConfig(**{**TINY, "steps": 2, "bf16": bf16})
+        meta = train.pretrain(tmp_path / str(bf16), cfg, progress=False)
+        assert meta["bf16"] is bf16 and math.isfinite(meta["heldout_loss"])
+        assert seen[:2] == [bf16, bf16]  # the training steps; the held-out loss stays fp32
+        assert not any(seen[2:])
+    with pytest.raises(ValueError, match="other settings"):  # a run never changes precision
+        train.pretrain(tmp_path / "True", train.PretrainConfig(**{**TINY, "steps": 2}),
+                       work=tmp_path / "True-work", progress=False)
 
 
 # ----------------------------------------------------------------- the shipped generator
