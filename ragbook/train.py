@@ -269,6 +269,10 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
         optimizer, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
 
     bf16 = cfg.bf16 and bf16_supported(device)  # what this run really does
+    settings = _settings(cfg)  # what a resumed run must match; an fp32 run's are those that
+    settings.pop("bf16")  # runs wrote before bf16 existed, so their checkpoints still resume
+    if bf16:
+        settings["bf16"] = True
 
     def step_fn(step: int) -> float:
         rng = random.Random(f"{cfg.seed}/{step}")
@@ -303,7 +307,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     state = resumable_loop(step_fn, {"model": model, "optimizer": optimizer,
                                      "scheduler": scheduler},
                            cfg.steps, work / "checkpoint.pt", cfg.checkpoint_every, "pretrain",
-                           progress, after_step, {**_settings(cfg), "bf16": bf16})
+                           progress, after_step, settings)
     return export(state)
 
 

@@ -280,6 +280,9 @@ def test_pretraining_in_bf16_runs_under_autocast_and_records_it(tmp_path, monkey
     with pytest.raises(ValueError, match="other settings"):  # a run never changes precision
         train.pretrain(tmp_path / "True", train.PretrainConfig(**{**TINY, "steps": 2}),
                        work=tmp_path / "True-work", progress=False)
+    # an fp32 run's settings are those written before bf16 existed: old checkpoints resume
+    saved = torch.load(tmp_path / "False-work" / "checkpoint.pt", weights_only=False)
+    assert "bf16" not in saved["state"]["settings"]
 
 
 # ----------------------------------------------------------------- the shipped generator
