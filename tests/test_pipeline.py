@@ -617,6 +617,7 @@ def test_loss_on_the_device_matches_the_cpu(toy, cpu_baseline, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_rag_on_the_device(toy, cpu_baseline, device, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGBOOK_BF16", "1")  # the default; conftest turns it off for tests
     autocast = []
 
     def spy(*args, **kwargs):  # what the generator's forward pass runs under
