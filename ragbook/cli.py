@@ -80,8 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, warmup=args.warmup, seed=args.seed, bf16=args.bf16)
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "warmup",
+                                            "seed", "bf16")}
+    cfg = PretrainConfig(**{k: v for k, v in given.items() if v is not None})
     meta = pretrain(args.out, cfg, work=args.work, device=args.device)
     print(f"step {meta['step']}: held-out denoising loss {meta['heldout_loss']:.3f} "
           f"-> {args.out}")
@@ -328,16 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
         "after an interruption.")
     p.add_argument("--out", required=True, help="directory for the exported generator")
     p.add_argument("--work", help="directory for the tokenizer and the resumable checkpoint")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=7e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    recipe = "(default: the shipped generator's, train.PretrainConfig)"
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--seq-len", int),
+                       ("--lr", float), ("--warmup", int), ("--seed", int)):
+        p.add_argument(flag, type=kind, help=recipe)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--bf16", action="store_true",
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 matrix products where the device has them (a GPU, or a CPU with "
-                   "AVX512-BF16 or AMX): ~1.7x faster steps on such a CPU")
+                   "AVX512-BF16 or AMX; ~1.7x faster steps there), fp32 elsewhere " + recipe)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(

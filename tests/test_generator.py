@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BartForConditionalGeneration
 
-from ragbook import generator, train
+from ragbook import cli, generator, train
 from ragbook.config import bf16_supported
 from ragbook.data import Example, Passage, load_corpus
 from ragbook.generator import (
@@ -278,11 +278,22 @@ def test_pretraining_in_bf16_runs_under_autocast_and_records_it(tmp_path, monkey
         assert seen[:2] == [bf16, bf16]  # the training steps; the held-out loss stays fp32
         assert not any(seen[2:])
     with pytest.raises(ValueError, match="other settings"):  # a run never changes precision
-        train.pretrain(tmp_path / "True", train.PretrainConfig(**{**TINY, "steps": 2}),
+        train.pretrain(tmp_path / "True",
+                       train.PretrainConfig(**{**TINY, "steps": 2, "bf16": False}),
                        work=tmp_path / "True-work", progress=False)
     # an fp32 run's settings are those written before bf16 existed: old checkpoints resume
     saved = torch.load(tmp_path / "False-work" / "checkpoint.pt", weights_only=False)
     assert "bf16" not in saved["state"]["settings"]
+
+
+def test_cli_pretrain_defaults_to_the_shipped_recipe(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "pretrain", lambda out, cfg, work, device: seen.append(cfg) or
+                        {"step": cfg.steps, "heldout_loss": 1.0})
+    assert cli.main(["pretrain", "--out", str(tmp_path)]) == 0
+    assert cli.main(["pretrain", "--out", str(tmp_path), "--steps", "7", "--no-bf16"]) == 0
+    assert seen[0] == train.PretrainConfig()
+    assert seen[1] == train.PretrainConfig(steps=7, bf16=False)
 
 
 # ----------------------------------------------------------------- the shipped generator
