@@ -305,7 +305,8 @@ def test_shipped_generator_loads_and_reproduces_its_heldout_loss():
     model, tok = generator.load_generator("tiny")
     meta = json.loads((generator.SHIPPED / "pretrain.json").read_text())
     cfg = train.PretrainConfig(**meta["config"])
-    assert meta["recipe"] == "ragbook pretrain" and meta["step"] > 0
+    assert meta["recipe"] == "ragbook pretrain" and meta["step"] == cfg.steps
+    assert cfg == train.PretrainConfig()  # `ragbook pretrain` with no options remakes it
     assert len(tok) == model.config.vocab_size == cfg.vocab_size
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
     assert (generator.SHIPPED / "model.safetensors").stat().st_size <= 25_000_000
