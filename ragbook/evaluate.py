@@ -229,17 +229,23 @@ def edited_corpus(corpus: Sequence[Passage], edits: dict[str, str]) -> list[Pass
 
 
 def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 0,
-             progress: bool = False, kinds: Mapping[str, str] | None = None) -> dict:
+             progress: bool = False, kinds: Mapping[str, str] | None = None,
+             marginalization: str = "token") -> dict:
     """Swap the index for one built over an edited corpus, without retraining.
 
     Among facts the model answers correctly with the original index, ``followed`` is the
     share answered with the *new* answer after the swap, and ``kept`` the share still
-    answered with the old one once the original index is swapped back. ``kinds``: see
-    :func:`edit_facts`.
+    answered with the old one once the original index is swapped back. Each of the
+    ``misses`` says where the edited passage stood among the retrieved ones, ranked by
+    p(z|x,y) for the answer given (``edited_rank``; None: not retrieved). ``kinds``: see
+    :func:`edit_facts`; ``marginalization``: the decoder, Eq. 2 ("token") or Eq. 1.
     """
     from .retriever import BM25Retriever, load_encoders
 
-    correct = [p.em for p in evaluate_rag(model, examples, progress=progress)[1]]
+    def answer(facts):
+        return evaluate_rag(model, facts, marginalization, progress=progress)[1]
+
+    correct = [p.em for p in answer(examples)]
     known = [e for e, c in zip(examples, correct) if c]
     edits = edit_facts(known, n_facts, seed, kinds)
     facts = [e for e in known if e.article in edits]
@@ -261,17 +267,26 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
         model.doc_vectors = torch_from(vectors, original_vectors)
         if original_bm25 is not None:  # a hybrid prior: its BM25 half reads the new text too
             model.bm25 = BM25Retriever(corpus)
-        after = evaluate_rag(model, swapped, progress=progress)[1]
+        after = answer(swapped)
     finally:
         model.index, model.doc_vectors = original_index, original_vectors
         model.bm25 = original_bm25
-    before = evaluate_rag(model, facts, progress=progress)[1]
+    before = answer(facts)
     return {"facts": len(facts),
             "followed": sum(p.em for p in after) / max(1, len(facts)),
             "kept": sum(p.em for p in before) / max(1, len(facts)),
             "examples": [{"question": e.question, "old": e.answers[0], "new": s.answers[0],
                           "answer_after_swap": a.prediction}
-                         for e, s, a in zip(facts[:10], swapped, after)]}
+                         for e, s, a in zip(facts[:10], swapped, after)],
+            "misses": [{"question": s.question, "new": s.answers[0], "answer": a.prediction,
+                        "edited_rank": _rank(s.answers[0], a.provenance)}
+                       for s, a in zip(swapped, after) if not a.em]}
+
+
+def _rank(title: str, provenance: list[dict]) -> int | None:
+    """1-based rank of the passage titled ``title`` by posterior; None if not retrieved."""
+    titles = [d["title"] for d in sorted(provenance, key=lambda d: -d["posterior"])]
+    return titles.index(title) + 1 if title in titles else None
 
 
 def torch_from(vectors, like):

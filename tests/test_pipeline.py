@@ -479,6 +479,7 @@ def test_hot_swap_serves_the_edited_index_then_restores_the_original(toy, monkey
     assert [x["answer_after_swap"] for x in result["examples"]] == [x["new"] for x in
                                                                     result["examples"]]
     assert model.index is index and model.doc_vectors is vectors  # swapped back
+    assert result["misses"] == []
 
     assert len(served) == 3  # before the swap, with the edited index, after swapping back
     swapped_index, swapped_vectors = served[1]
@@ -525,9 +526,38 @@ def test_hot_swap_of_a_hybrid_model_swaps_its_bm25_half_too(toy, monkeypatch):
     assert served[1].passages == edited_corpus(CORPUS, edits)
 
 
+def test_hot_swap_says_where_the_edited_passage_stood_for_each_miss(toy, monkeypatch):
+    model = _model(toy)
+    edits = edit_facts(EXAMPLES, 3, seed=0)
+    calls, marginalizations = [], []
+
+    def reader(questions, answers=None, marginalization="token", **kwargs):
+        calls.append(1)
+        marginalizations.append(marginalization)
+        right = [Prediction(q, a[0], list(a)) for q, a in zip(questions, answers)]
+        if len(calls) != 2:
+            return right
+        # after the swap: two misses, the edited passage second, then not retrieved at all
+        new, other = answers[0][0], {"title": "a neighbour", "posterior": 0.7}
+        return [Prediction(questions[0], "a neighbour", list(answers[0]),
+                           [other, {"title": new, "posterior": 0.3}]),
+                Prediction(questions[1], "a neighbour", list(answers[1]), [other]),
+                *right[2:]]
+
+    monkeypatch.setattr(model, "answer", reader)
+    result = hot_swap(model, EXAMPLES, n_facts=3, seed=0, marginalization="sequence")
+    facts = [e for e in EXAMPLES if e.article in edits]
+    assert result["facts"] == len(facts) > 2
+    assert result["followed"] == pytest.approx(1 - 2 / len(facts))
+    assert [m["edited_rank"] for m in result["misses"]] == [2, None]
+    assert [m["answer"] for m in result["misses"]] == ["a neighbour"] * 2
+    assert marginalizations == ["sequence"] * 3
+
+
 def test_hot_swap_on_the_toy_model_reports_its_counts(toy):
     result = hot_swap(_model(toy), EXAMPLES[:4], n_facts=2)
-    assert set(result) == {"facts", "followed", "kept", "examples"}
+    assert set(result) == {"facts", "followed", "kept", "examples", "misses"}
+    assert len(result["misses"]) == round((1 - result["followed"]) * result["facts"])
     assert 0 <= result["facts"] <= 4 and len(result["examples"]) == min(10, result["facts"])
     assert 0 <= result["followed"] <= 1 and 0 <= result["kept"] <= 1
 

@@ -1,0 +1,57 @@
+"""Index hot-swap: how often each RAG model follows the edited index, and where it misses.
+
+Runs `evaluate.hot_swap` on the two RAG models that `ragbook reproduce` trains (loaded from the
+cache, or trained once), each decoded with its own marginalization, on reproduce's 400 sampled
+test questions, for several draws of edited facts. A miss is read from the provenance of the
+wrong answer: the edited passage not retrieved at all, retrieved but outranked by another
+passage, or ranked first and miscopied.
+
+    python benchmarks/hot_swap.py [--facts 100] [--seeds 0 1] [--out results/...json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from ragbook import evaluate as ev
+from ragbook.config import get_preset
+from ragbook.data import article_topics
+from ragbook.reproduce import ReproduceConfig, test_examples
+from ragbook.train import RagTrainConfig, trained_rag
+
+
+def where(rank: int | None) -> str:
+    return {None: "not retrieved", 1: "first, miscopied"}.get(rank, "retrieved, outranked")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", type=int, default=ReproduceConfig.hot_swap_facts)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
+                                             "hot_swap.json"))
+    args = parser.parse_args()
+    cfg = ReproduceConfig()
+    preset = get_preset(cfg.preset, seed=cfg.seed)
+    qa = test_examples("entity-qa", cfg.eval_questions, cfg.seed)
+    rows = []
+    for marginalization in ("token", "sequence"):
+        train = RagTrainConfig(marginalization=marginalization, steps=cfg.rag_steps,
+                               n_docs=preset.n_docs, seed=cfg.seed)
+        model = trained_rag(preset, "entity-qa", train, retriever=cfg.retriever)
+        for seed in args.seeds:
+            r = ev.hot_swap(model, qa, args.facts, seed, kinds=article_topics(),
+                            marginalization=marginalization)
+            misses = Counter(where(m["edited_rank"]) for m in r["misses"])
+            rows.append({"model": f"rag_{marginalization}", "seed": seed, "facts": r["facts"],
+                         "followed": r["followed"], "kept": r["kept"], **misses,
+                         "misses": r["misses"]})
+            print({k: v for k, v in rows[-1].items() if k != "misses"}, flush=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
