@@ -78,10 +78,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .train import PretrainConfig, pretrain
 
-    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "warmup",
-                                            "seed", "bf16")}
+    given = {f.name: getattr(args, f.name, None) for f in fields(PretrainConfig)}
     cfg = PretrainConfig(**{k: v for k, v in given.items() if v is not None})
     meta = pretrain(args.out, cfg, work=args.work, device=args.device)
     print(f"step {meta['step']}: held-out denoising loss {meta['heldout_loss']:.3f} "
