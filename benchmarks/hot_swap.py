@@ -17,10 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 from ragbook import evaluate as ev
-from ragbook.config import get_preset
+from ragbook.config import RETRIEVERS
 from ragbook.data import article_topics
-from ragbook.reproduce import ReproduceConfig, test_examples
-from ragbook.train import RagTrainConfig, trained_rag
+from ragbook.reproduce import ReproduceConfig, rag_model, test_examples
 
 
 def where(rank: int | None) -> str:
@@ -33,20 +32,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "hot_swap.json"))
+    parser.add_argument("--training-prior", choices=RETRIEVERS,
+                        default=ReproduceConfig.training_prior)
+    parser.add_argument("--retriever", choices=RETRIEVERS, default=ReproduceConfig.retriever)
     args = parser.parse_args()
-    cfg = ReproduceConfig()
-    preset = get_preset(cfg.preset, seed=cfg.seed)
+    cfg = ReproduceConfig(training_prior=args.training_prior, retriever=args.retriever)
     qa = test_examples("entity-qa", cfg.eval_questions, cfg.seed)
     rows = []
     for marginalization in ("token", "sequence"):
-        train = RagTrainConfig(marginalization=marginalization, steps=cfg.rag_steps,
-                               n_docs=preset.n_docs, seed=cfg.seed)
-        model = trained_rag(preset, "entity-qa", train, retriever=cfg.retriever)
+        model = rag_model(cfg, "entity-qa", marginalization)
         for seed in args.seeds:
             r = ev.hot_swap(model, qa, args.facts, seed, kinds=article_topics(),
                             marginalization=marginalization)
             misses = Counter(where(m["edited_rank"]) for m in r["misses"])
-            rows.append({"model": f"rag_{marginalization}", "seed": seed, "facts": r["facts"],
+            rows.append({"model": f"rag_{marginalization}", "training_prior": cfg.training_prior,
+                         "retriever": cfg.retriever, "seed": seed, "facts": r["facts"],
                          "followed": r["followed"], "kept": r["kept"], **misses,
                          "misses": r["misses"]})
             print({k: v for k, v in rows[-1].items() if k != "misses"}, flush=True)

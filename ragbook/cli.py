@@ -42,7 +42,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.data_only:
         return 0
     cfg = ReproduceConfig(rag_steps=args.rag_steps, eval_questions=args.eval_questions,
-                          retriever=args.retriever, seed=args.seed)
+                          training_prior=args.training_prior, retriever=args.retriever,
+                          seed=args.seed)
     results = run(cfg, runs_dir=args.runs_dir)
     print()
     print(results_table(results))
@@ -51,15 +52,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .config import get_preset
-    from .train import RagTrainConfig, trained_rag
+    from .reproduce import ReproduceConfig, rag_model
 
-    preset = get_preset(args.preset)
     print("Loading the jointly trained RAG model (trained and cached on first use)…",
           file=sys.stderr)
-    model = trained_rag(preset, "entity-qa", RagTrainConfig(
-        marginalization=args.model, steps=args.steps, n_docs=preset.n_docs, seed=preset.seed),
-        retriever=args.retriever)
+    cfg = ReproduceConfig(preset=args.preset, rag_steps=args.steps,
+                          training_prior=args.training_prior, retriever=args.retriever)
+    model = rag_model(cfg, "entity-qa", args.model)
     prediction = model.answer([args.question], marginalization=args.model, n_docs=args.k,
                               num_beams=args.beams)[0]
     print(f"answer: {prediction.prediction}")
@@ -263,10 +262,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retriever_option(p: argparse.ArgumentParser, defaults) -> None:
+def _prior_options(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--retriever", choices=RETRIEVERS, default=defaults.retriever,
-                   help="RAG's prior p(z|x): dense (the paper), BM25, or their product "
-                   f"(default {defaults.retriever})")
+                   help="RAG's prior p(z|x) at test time: dense (the paper), BM25, or their "
+                   f"product (default {defaults.retriever})")
+    p.add_argument("--training-prior", choices=RETRIEVERS, default=defaults.training_prior,
+                   help="the prior during joint fine-tuning (default "
+                   f"{defaults.training_prior}, the paper's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-questions", type=int, default=defaults.eval_questions,
                    help="test questions per task")
     p.add_argument("--runs-dir", default="runs", help="where run directories are written")
-    _retriever_option(p, defaults)
+    _prior_options(p, defaults)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reproduce)
 
@@ -312,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=defaults.rag_steps,
                    help="joint fine-tuning steps (reproduce's model by default)")
     p.add_argument("--preset", default="tiny")
-    _retriever_option(p, defaults)
+    _prior_options(p, defaults)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser(
@@ -372,7 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "training_prior" in args:  # reproduce and ask: can one model serve both priors?
+        from .reproduce import ReproduceConfig, check_priors
+
+        try:
+            check_priors(ReproduceConfig(training_prior=args.training_prior,
+                                         retriever=args.retriever))
+        except ValueError as e:
+            parser.error(str(e))
     try:
         return args.func(args)
     except data.DataError as e:

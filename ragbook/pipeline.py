@@ -60,6 +60,10 @@ class RagModel(torch.nn.Module):
         self.tokenizer = tokenizer
         self.index = index
         self.bm25 = bm25
+        self.history: list = []  # (step, loss) of the joint training behind it (trained_rag)
+        # the mode of the parts it wraps: a wrapper made for evaluation must not switch them to
+        # training (dropout) when `answer` restores its own mode
+        self.training = generator.training
         vectors = doc_vectors if doc_vectors is not None else np.zeros((0, 0), np.float32)
         self.register_buffer("doc_vectors", torch.from_numpy(np.ascontiguousarray(vectors)),
                              persistent=False)
@@ -90,10 +94,13 @@ class RagModel(torch.nn.Module):
 
     def with_bm25(self, bm25) -> RagModel:
         """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
-        the dense retriever alone — sharing its encoders, generator and index."""
-        return RagModel(self.preset, self.query_encoder, self.generator, self.tokenizer,
-                        self.index, self.doc_vectors.cpu().numpy(), bm25=bm25,
-                        bm25_weight=self.bm25_weight)
+        the dense retriever alone — sharing its encoders, generator, index and history: a new
+        prior at test time, no retraining."""
+        model = RagModel(self.preset, self.query_encoder, self.generator, self.tokenizer,
+                         self.index, self.doc_vectors.cpu().numpy(), bm25=bm25,
+                         bm25_weight=self.bm25_weight)
+        model.history = self.history
+        return model
 
     @property
     def device(self) -> torch.device:

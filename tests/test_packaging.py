@@ -81,7 +81,7 @@ def test_results_table_puts_ours_beside_the_paper_in_percent():
         "seconds": 12.0,
     }
     table = results_table(results)
-    assert f"| | RAG-Token (dense retriever) | 45.0 | {PAPER['rag_token']} |" in table
+    assert f"| | RAG-Token (dense prior) | 45.0 | {PAPER['rag_token']} |" in table
     assert "| 50.0 / 80.0 / 90.0 |" in table and "k=5: 45.0" in table
     assert "trained dense retriever (no generator) | 45.0 |" in table  # beside RAG's EM
     assert "hybrid" not in table

@@ -351,13 +351,23 @@ def test_hybrid_prior_is_the_product_of_the_dense_and_bm25_experts(toy):
     everything = model.retrieve(questions, 50)  # k beyond the corpus: each passage once
     assert all(sorted(p.id for p in row) == sorted(p.id for p in CORPUS)
                for row in everything.passages)
+    model.history = [(1, 2.5)]
     dense = model.with_bm25(None)  # the same weights, the dense expert alone
     assert dense.query_encoder is model.query_encoder and dense.generator is model.generator
+    assert dense.history == model.history and dense.training == model.training
     assert dense.retrieve(questions, K).passages == _model(toy).retrieve(questions, K).passages
     assert dense.with_bm25(toy.bm25).retrieve(questions, K).passages == found.passages
     found.doc_scores.sum().backward()  # the dense expert still trains BERT_q
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.query_encoder.parameters())
+
+
+def test_a_new_prior_leaves_an_evaluated_model_in_evaluation_mode(toy):
+    """The wrapper answers in eval mode and restores *its* mode after: an evaluated model's
+    parts (shared with the wrapper) must not come back with dropout on."""
+    model = _model(toy).eval()
+    model.with_bm25(toy.bm25).answer([EXAMPLES[0].question])
+    assert not model.query_encoder.training and not model.generator.training
 
 
 def test_hybrid_training_updates_both_halves_of_the_model(toy):

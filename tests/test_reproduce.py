@@ -1,0 +1,46 @@
+"""`ragbook reproduce`'s choices that need no training: which priors one model can serve, and
+the results table (rendered from a recorded run)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragbook import cli
+from ragbook.reproduce import ReproduceConfig, check_priors, results_table
+
+RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "reproduce_tinybart10k.json"
+
+
+@pytest.mark.parametrize("training_prior, retriever", [
+    ("dense", "hybrid"), ("hybrid", "dense"), ("dense", "dense"), ("hybrid", "hybrid"),
+    ("bm25", "bm25")])
+def test_a_trained_query_encoder_serves_the_dense_and_hybrid_priors(training_prior, retriever):
+    check_priors(ReproduceConfig(training_prior=training_prior, retriever=retriever))
+
+
+@pytest.mark.parametrize("training_prior, retriever", [("bm25", "hybrid"), ("dense", "bm25")])
+def test_bm25_alone_cannot_swap_priors_with_a_query_encoder(training_prior, retriever):
+    with pytest.raises(ValueError, match="BM25 alone uses no query encoder"):
+        check_priors(ReproduceConfig(training_prior=training_prior, retriever=retriever))
+    with pytest.raises(ValueError, match="unknown retriever"):
+        check_priors(ReproduceConfig(retriever="colbert"))
+
+
+def test_the_cli_refuses_an_impossible_pair_of_priors_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ask", "Capital of France", "--training-prior", "bm25"])
+    assert exit_.value.code == 2
+    assert "BM25 alone uses no query encoder" in capsys.readouterr().err
+
+
+def test_the_results_table_says_which_prior_trained_and_which_reads():
+    recorded = json.loads(RECORDED.read_text())  # trained and read with the hybrid prior
+    table = results_table(recorded)
+    assert "| | RAG-Token (hybrid prior) | 58.0 |" in table
+    assert "BERT_q trained jointly with the hybrid prior | 38.5 / 63.7 / 81.0" in table
+    recorded["config"]["training_prior"] = "dense"
+    recorded["retrieval"]["questions"] = 976
+    table = results_table(recorded)
+    assert "RAG-Token (trained with the dense prior, read with the hybrid one) | 58.0" in table
+    assert "(Table 6, 976 test questions) | dense, BERT_q trained jointly with the dense" in table
