@@ -83,7 +83,7 @@ def test_results_table_puts_ours_beside_the_paper_in_percent():
     table = results_table(results)
     assert f"| | RAG-Token (dense prior) | 45.0 | {PAPER['rag_token']} |" in table
     assert "| 50.0 / 80.0 / 90.0 |" in table and "k=5: 45.0" in table
-    assert "trained dense retriever (no generator) | 45.0 |" in table  # beside RAG's EM
+    assert "dense prior with RAG-Token's BERT_q (no generator) | 45.0 |" in table  # beside RAG's EM
     assert "hybrid" not in table
 
     results["config"] = {"retriever": "hybrid"}  # RAG trained with the product of experts
