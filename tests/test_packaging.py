@@ -86,11 +86,15 @@ def test_results_table_puts_ours_beside_the_paper_in_percent():
     assert "dense prior with RAG-Token's BERT_q (no generator) | 45.0 |" in table  # beside RAG's EM
     assert "hybrid" not in table
 
-    results["config"] = {"retriever": "hybrid"}  # RAG trained with the product of experts
-    results["retrieval"]["hybrid"] = {"recall@1": 0.6, "recall@5": 0.85, "recall@20": 0.95}
+    # trained with the paper's dense prior, read with the product of experts
+    results["config"] = {"training_prior": "dense", "retriever": "hybrid"}
+    results["retrieval"].update(hybrid={"recall@1": 0.6, "recall@5": 0.85, "recall@20": 0.95},
+                                questions=976)
     table = results_table(results)
-    assert "| | RAG-Sequence (hybrid retriever) | 40.0 |" in table
-    assert "jointly trained BERT_q | 60.0 / 85.0 / 95.0 |" in table
+    assert ("| | RAG-Sequence (trained with the dense prior, read with the hybrid one) | 40.0 |"
+            in table)
+    assert ("(Table 6, 976 test questions) | hybrid (dense × BM25), BERT_q trained jointly with "
+            "the dense prior | 60.0 / 85.0 / 95.0 |") in table
 
 
 def test_eval_command_scores_a_predictions_file(tmp_path, capsys):
