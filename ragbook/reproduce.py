@@ -122,8 +122,8 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         g, t = trained_closed_book(preset, task, cfg.side_task_steps, progress=progress)
         bart = generate_answers(g, t, [e.question for e in examples],
                                 max_length=preset.max_target_length + 1)
-        rag_model = rag(task, "token", cfg.side_task_steps)
-        rag_out = [p.prediction for p in ev.evaluate_rag(rag_model, examples, "token",
+        rag_side = rag(task, "token", cfg.side_task_steps)
+        rag_out = [p.prediction for p in ev.evaluate_rag(rag_side, examples, "token",
                                                          progress=progress)[1]]
         side[task] = {"bart": _task_metric(metric, bart, examples),
                       "rag_token" if task == "qgen" else "rag":

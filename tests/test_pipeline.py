@@ -572,6 +572,45 @@ def test_hot_swap_on_the_toy_model_reports_its_counts(toy):
     assert 0 <= result["followed"] <= 1 and 0 <= result["kept"] <= 1
 
 
+def test_reproduce_runs_every_experiment_and_writes_its_run_directory(toy, monkeypatch,
+                                                                     tmp_path):
+    """`ragbook reproduce`'s orchestration end to end on the toy world: the models stand in
+    for trained ones (no training here), every experiment and file of the run is real."""
+    from ragbook import reproduce
+
+    def from_preset(preset, retriever="dense", **parts):
+        return _model(toy, retriever).eval()
+
+    def trained_rag(preset, task, cfg, retriever, progress):
+        model = from_preset(preset, retriever)
+        model.history = [(1, 2.0), (2, 1.0)]
+        return model
+
+    monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0: toy.preset)
+    monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0: EXAMPLES)
+    monkeypatch.setattr(reproduce, "article_topics", dict)
+    monkeypatch.setattr(RagModel, "from_preset", staticmethod(from_preset))
+    monkeypatch.setattr(T, "trained_rag", trained_rag)
+    monkeypatch.setattr(T, "trained_closed_book",
+                        lambda preset, task, steps, progress: (toy.generator, toy.tokenizer))
+    cfg = reproduce.ReproduceConfig(eval_questions=6, sweep_questions=4, sweep_ks=(1, 2),
+                                    hot_swap_facts=2)
+    results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
+
+    assert results["retrieval"]["questions"] == len(EXAMPLES)  # recall: the whole split
+    for key in ("frozen", "finetuned", "bm25", "hybrid_frozen", "hybrid"):
+        assert set(results["retrieval"][key]) == {"recall@1", "recall@5", "recall@20"}
+    assert all(0 <= results["entity_qa"][m]["em"] <= 1
+               for m in ("closed_book", "rag_sequence", "rag_token"))
+    assert {"bleu1"} == set(results["qgen"]["rag_token"]) and "accuracy" in results["verify"]["rag"]
+    assert results["k_sweep"]["k"] == [1, 2] and "followed" in results["hot_swap"]
+    run = tmp_path / "latest"
+    assert (run / "results.json").exists() and (run / "k_sweep.png").exists()
+    table = (run / "results.md").read_text()
+    assert "trained with the dense prior, read with the hybrid one" in table
+    assert len((run / "predictions_rag_token.jsonl").read_text().splitlines()) == 6
+
+
 # --------------------------------------------------------------------------- bad input
 
 
