@@ -230,7 +230,8 @@ def edited_corpus(corpus: Sequence[Passage], edits: dict[str, str]) -> list[Pass
 
 def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 0,
              progress: bool = False, kinds: Mapping[str, str] | None = None,
-             marginalization: str = "token") -> dict:
+             marginalization: str = "token",
+             predictions: Sequence[Prediction] | None = None) -> dict:
     """Swap the index for one built over an edited corpus, without retraining.
 
     Among facts the model answers correctly with the original index, ``followed`` is the
@@ -238,15 +239,21 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     answered with the old one once the original index is swapped back. Each of the
     ``misses`` says where the edited passage stood among the retrieved ones, ranked by
     p(z|x,y) for the answer given (``edited_rank``; None: not retrieved). ``kinds``: see
-    :func:`edit_facts`; ``marginalization``: the decoder, Eq. 2 ("token") or Eq. 1.
+    :func:`edit_facts`; ``marginalization``: the decoder, Eq. 2 ("token") or Eq. 1;
+    ``predictions``: the model's answers to ``examples`` with the original index, if already
+    made with this decoder (they pick the facts it knows).
     """
     from .retriever import BM25Retriever, load_encoders
 
     def answer(facts):
         return evaluate_rag(model, facts, marginalization, progress=progress)[1]
 
-    correct = [p.em for p in answer(examples)]
-    known = [e for e, c in zip(examples, correct) if c]
+    if predictions is None:
+        predictions = answer(examples)
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples: pass "
+                         "the model's answers to exactly these examples, or none")
+    known = [e for e, p in zip(examples, predictions) if p.em]
     edits = edit_facts(known, n_facts, seed, kinds)
     facts = [e for e in known if e.article in edits]
     original_index, original_vectors, original_bm25 = model.index, model.doc_vectors, model.bm25

@@ -31,7 +31,7 @@ class ReproduceConfig:
     preset: str = "tiny"
     rag_steps: int = 250
     closed_book_steps: int = 300
-    side_task_steps: int = 60  # qgen and verify
+    side_task_steps: int = 40  # qgen and verify
     eval_questions: int = 400  # test questions per task (None: the whole split)
     sweep_questions: int = 100
     sweep_ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
@@ -136,7 +136,8 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
     sweep = ev.k_sweep(models["rag_token"], qa[: cfg.sweep_questions], cfg.sweep_ks)
     results["k_sweep"] = sweep
     results["hot_swap"] = ev.hot_swap(models["rag_token"], qa, cfg.hot_swap_facts, cfg.seed,
-                                      progress=progress, kinds=article_topics())
+                                      progress=progress, kinds=article_topics(),
+                                      predictions=predictions["rag_token"])
     lap("k sweep and index hot-swap")
     results["seconds"] = round(time.time() - start, 1)
 

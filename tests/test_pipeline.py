@@ -521,6 +521,27 @@ def test_hot_swap_restores_the_index_when_evaluation_fails(toy, monkeypatch):
     assert model.index is index and model.doc_vectors is vectors
 
 
+def test_hot_swap_picks_the_known_facts_from_answers_already_made(toy, monkeypatch):
+    model = _model(toy)
+    asked = []
+
+    def reader(questions, answers=None, **kwargs):
+        asked.append(list(questions))
+        return [Prediction(q, a[0], list(a)) for q, a in zip(questions, answers)]
+
+    monkeypatch.setattr(model, "answer", reader)
+    known = EXAMPLES[:6]  # the model "knew" only these: the edits come from them alone
+    made = [Prediction(e.question, e.answers[0] if e in known else "?", e.answers)
+            for e in EXAMPLES]
+    result = hot_swap(model, EXAMPLES, n_facts=3, predictions=made)
+    edits = edit_facts(known, 3, seed=0)
+    assert result["facts"] == sum(e.article in edits for e in known) > 0
+    assert len(asked) == 2  # after the swap and after swapping back: no first pass
+    assert {q for batch in asked for q in batch} <= {e.question for e in known}
+    with pytest.raises(ValueError, match="2 predictions for 20 examples"):
+        hot_swap(model, EXAMPLES, n_facts=3, predictions=made[:2])
+
+
 def test_hot_swap_of_a_hybrid_model_swaps_its_bm25_half_too(toy, monkeypatch):
     model = _model(toy, retriever="hybrid")
     bm25, served = model.bm25, []
