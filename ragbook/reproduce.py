@@ -86,8 +86,8 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
     results["retrieval"] = {"frozen": _recall(ev.retrieval_recall(frozen, recall_qa)),
                             "bm25": _recall(ev.retrieval_recall(bm25, recall_qa)),
                             "hybrid_frozen": _recall(ev.retrieval_recall(hybrid_frozen,
-                                                                         recall_qa)),
-                            "questions": len(recall_qa)}
+                                                                         recall_qa))}
+    results["recall_questions"] = len(recall_qa)
     results["baselines"] = {"top1_title_em": ev.top1_title_baseline(frozen, qa)}
 
     lap("corpus encoding, index, retrieval baselines")
@@ -238,7 +238,8 @@ def results_table(r: dict) -> str:
         f"| | RAG | {pct(r['verify']['rag']['accuracy'])} | {PAPER['verify_rag']} |",
     ]
     tuned = f"BERT_q trained jointly with the {trained_with} prior"
-    questions = f", {ret['questions']} test questions" if "questions" in ret else ""
+    n = r.get("recall_questions")
+    questions = f", {n} test questions" if n else ""
     for name, label in (("bm25", "BM25"), ("frozen", "dense, frozen BERT_q"),
                         ("finetuned", f"dense, {tuned}"),
                         ("hybrid_frozen", "hybrid (dense × BM25), frozen BERT_q"),

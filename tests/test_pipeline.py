@@ -618,7 +618,7 @@ def test_reproduce_runs_every_experiment_and_writes_its_run_directory(toy, monke
                                     hot_swap_facts=2)
     results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
 
-    assert results["retrieval"]["questions"] == len(EXAMPLES)  # recall: the whole split
+    assert results["recall_questions"] == len(EXAMPLES)  # recall: the whole split
     for key in ("frozen", "finetuned", "bm25", "hybrid_frozen", "hybrid"):
         assert set(results["retrieval"][key]) == {"recall@1", "recall@5", "recall@20"}
     assert all(0 <= results["entity_qa"][m]["em"] <= 1
