@@ -15,7 +15,7 @@ RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "reproduce_tin
 @pytest.mark.parametrize("training_prior, retriever", [
     ("dense", "hybrid"), ("hybrid", "dense"), ("dense", "dense"), ("hybrid", "hybrid"),
     ("bm25", "bm25")])
-def test_a_trained_query_encoder_serves_the_dense_and_hybrid_priors(training_prior, retriever):
+def test_one_model_serves_these_pairs_of_priors(training_prior, retriever):
     check_priors(ReproduceConfig(training_prior=training_prior, retriever=retriever))
 
 
@@ -23,8 +23,13 @@ def test_a_trained_query_encoder_serves_the_dense_and_hybrid_priors(training_pri
 def test_bm25_alone_cannot_swap_priors_with_a_query_encoder(training_prior, retriever):
     with pytest.raises(ValueError, match="BM25 alone uses no query encoder"):
         check_priors(ReproduceConfig(training_prior=training_prior, retriever=retriever))
-    with pytest.raises(ValueError, match="unknown retriever"):
+
+
+def test_an_unknown_prior_is_named_in_the_error():
+    with pytest.raises(ValueError, match="unknown retriever 'colbert'"):
         check_priors(ReproduceConfig(retriever="colbert"))
+    with pytest.raises(ValueError, match="unknown training_prior 'colbert'"):
+        check_priors(ReproduceConfig(training_prior="colbert"))
 
 
 def test_the_cli_refuses_an_impossible_pair_of_priors_before_any_work(capsys):
