@@ -36,11 +36,16 @@ from .data import article_split, load_corpus
 from .generator import pad, shift_right, tiny_config, train_tokenizer
 
 
-def sentence_permutation(text: str, rng: random.Random) -> str:
-    """BART's sentence permutation: shuffle the sentences of ``text``."""
-    sentences = re.split(r"(?<=[.!?])\s+", text)
-    rng.shuffle(sentences)
-    return " ".join(sentences)
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``: cut after ``.``, ``!`` or ``?`` followed by white space."""
+    return re.split(r"(?<=[.!?])\s+", text.strip())
+
+
+def sentence_permutation(sentences: list, rng: random.Random) -> list:
+    """BART's sentence permutation: the same sentences (strings or token lists), shuffled."""
+    shuffled = list(sentences)
+    rng.shuffle(shuffled)
+    return shuffled
 
 
 def text_infilling(ids: list[int], mask_id: int, rng: random.Random, ratio: float = 0.3,
@@ -72,7 +77,7 @@ def text_infilling(ids: list[int], mask_id: int, rng: random.Random, ratio: floa
 class PretrainConfig:
     """The recipe of the shipped generator (its ``pretrain.json`` records the run)."""
 
-    steps: int = 10_000
+    steps: int = 5_000
     batch_size: int = 32
     seq_len: int = 64
     lr: float = 7e-4
@@ -100,17 +105,32 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
 
 def denoising_batch(texts: list[str], tokenizer, cfg: PretrainConfig,
                     rng: random.Random) -> dict[str, torch.Tensor]:
-    """A (noised source, original target) batch from raw passage texts."""
-    permuted = [sentence_permutation(t, rng) for t in texts]
-    ids = tokenizer(permuted, add_special_tokens=False)["input_ids"]
-    sources, targets = [], []
-    for row in ids:
-        width = cfg.seq_len - 2
-        start = rng.randrange(max(1, len(row) - width + 1))
-        window = row[start:start + width]
-        noised = text_infilling(window, tokenizer.mask_token_id, rng)
+    """A (noised source, original target) batch from raw passage texts.
+
+    BART corrupts a document and learns to reconstruct the original. Each passage is
+    tokenized sentence by sentence; a window of ``seq_len - 2`` tokens of the original is the
+    target, and the source is the same window with its (clipped) sentences permuted and then
+    text-infilled.
+    """
+    sentences = [split_sentences(t) for t in texts]
+    flat = tokenizer([s for group in sentences for s in group],
+                     add_special_tokens=False)["input_ids"]
+    width = cfg.seq_len - 2
+    sources, targets, at = [], [], 0
+    for group in sentences:
+        pieces, at = flat[at:at + len(group)], at + len(group)
+        ids = [i for piece in pieces for i in piece]
+        start = rng.randrange(max(1, len(ids) - width + 1))
+        segments, pos = [], 0  # the sentences, clipped to the window [start, start + width)
+        for piece in pieces:
+            lo, hi = max(pos, start), min(pos + len(piece), start + width)
+            if lo < hi:
+                segments.append(ids[lo:hi])
+            pos += len(piece)
+        permuted = [i for seg in sentence_permutation(segments, rng) for i in seg]
+        noised = text_infilling(permuted, tokenizer.mask_token_id, rng)
         sources.append([tokenizer.bos_token_id] + noised + [tokenizer.eos_token_id])
-        targets.append(window + [tokenizer.eos_token_id])
+        targets.append(ids[start:start + width] + [tokenizer.eos_token_id])
     src = pad(sources, tokenizer.pad_token_id)
     tgt = pad(targets, tokenizer.pad_token_id)
     return {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"],
@@ -183,7 +203,7 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
     state = {"step": 0, "history": [], "seconds": 0.0, "settings": settings}
     path = Path(checkpoint_path) if checkpoint_path else None
     if path is not None and path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         before = saved["state"].get("settings")
         if settings is not None and before is not None and before != settings:
             changed = sorted(k for k in settings.keys() | before.keys()

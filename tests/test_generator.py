@@ -4,7 +4,7 @@ BART's noising functions, resumable pre-training and the shipped tiny BART."""
 import json
 import math
 import random
-import re
+from collections import Counter
 
 import pytest
 import torch
@@ -172,14 +172,38 @@ def test_closed_book_fine_tuning_memorises_and_is_deterministic(tok):
 
 def test_sentence_permutation_shuffles_whole_sentences_deterministically():
     text = "One is here. Two is there! Three? Four is last."
-    out = train.sentence_permutation(text, random.Random(1))
-    assert sorted(out.split(" ")) == sorted(text.split(" "))
-    assert sorted(re.split(r"(?<=[.!?])\s+", out)) == sorted(
-        ["One is here.", "Two is there!", "Three?", "Four is last."])
-    assert train.sentence_permutation(text, random.Random(1)) == out
-    outs = {train.sentence_permutation(text, random.Random(s)) for s in range(10)}
+    sentences = train.split_sentences(text)
+    assert sentences == ["One is here.", "Two is there!", "Three?", "Four is last."]
+    out = train.sentence_permutation(sentences, random.Random(1))
+    assert sorted(out) == sorted(sentences) and sentences[0] == "One is here."  # a copy
+    assert train.sentence_permutation(sentences, random.Random(1)) == out
+    outs = {tuple(train.sentence_permutation(sentences, random.Random(s))) for s in range(10)}
     assert len(outs) > 1
-    assert train.sentence_permutation("No full stop here", random.Random(0)) == "No full stop here"
+    assert train.split_sentences("No full stop here") == ["No full stop here"]
+
+
+def test_denoising_target_is_the_original_text_and_the_source_its_permuted_noised_window():
+    """BART corrupts, then reconstructs the original: the decoded target is a contiguous,
+    in-order piece of its passage, while the source holds the same tokens, sentences shuffled
+    and spans masked."""
+    texts = ["Alpha beta gamma delta. Epsilon zeta eta theta! Iota kappa lambda mu? "
+             "Nu xi omicron pi. Rho sigma tau upsilon.",
+             "A single sentence with no end mark at all and many words to cut a window from"] * 4
+    tok = generator.train_tokenizer(texts * 5, vocab_size=300)
+    cfg = train.PretrainConfig(seq_len=14)
+    permuted_once = False
+    for seed in range(8):
+        batch = train.denoising_batch(texts, tok, cfg, random.Random(seed))
+        for i, text in enumerate(texts):
+            target = batch["labels"][i][batch["target_mask"][i]].tolist()
+            assert target[-1] == tok.eos_token_id and len(target) <= cfg.seq_len - 1
+            assert tok.decode(target[:-1]) in text  # contiguous and in order
+            source = [t for t in batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+                      if t not in (tok.bos_token_id, tok.eos_token_id, tok.mask_token_id)]
+            assert Counter(source) <= Counter(target[:-1])  # the same tokens, some masked
+            kept = [t for t in target[:-1] if t in source]
+            permuted_once |= source != kept[:len(source)]
+    assert permuted_once  # the sentences of a window do get shuffled
 
 
 def test_text_infilling_masks_about_thirty_percent_in_spans():
