@@ -3,35 +3,23 @@
 - Exact Match and F1 with SQuAD's answer normalisation, max over the gold answers (Table 1);
 - retrieval recall@k: the gold article, or a gold answer string, among the top k (Table 6);
 - BLEU-1 for question generation, from sacrebleu (Table 2, Jeopardy generation);
-- label accuracy for fact verification, the label generated as a word (Table 2, FEVER).
+- label accuracy for fact verification, the likelier label under the model (Table 2, FEVER).
+
+The experiment runners below decode each task as the paper's Appendix A says (``DECODING``),
+and decode the closed-book baseline exactly as the RAG models (:class:`ClosedBook`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from .data import Example, Passage
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, drop punctuation and articles, squeeze spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(a) for a in answers))
+from .pipeline import Prediction, exact_match, normalize_answer
 
 
 def f1_score(prediction: str, answers: Sequence[str]) -> float:
@@ -89,20 +77,6 @@ def accuracy(predictions: Sequence[str], examples: Sequence[Example]) -> float:
     return sum(hits) / max(1, len(hits))
 
 
-@dataclass
-class Prediction:
-    """One answer with its provenance: the passages it was generated from and p(z | x, y)."""
-
-    question: str
-    prediction: str
-    answers: list[str]
-    provenance: list[dict] = field(default_factory=list)  # {id, title, posterior}
-
-    @property
-    def em(self) -> float:
-        return exact_match(self.prediction, self.answers)
-
-
 def save_predictions(predictions: Sequence[Prediction], path: str | Path) -> None:
     """Write predictions as JSONL, one object per line."""
     from .artifacts import atomic_write_bytes
@@ -139,14 +113,64 @@ def score_predictions(predictions: Sequence[Prediction]) -> dict[str, float]:
 # Each runner is shared by notebook 07 and `ragbook reproduce`.
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How one task's answers are decoded: ``num_beams`` (1: greedy) and RAG-Sequence's
+    ``method`` (§2.5: "thorough" scores every hypothesis under every document, "fast" takes
+    p_θ(y|x,z) ≈ 0 where y is not in z's beam). RAG-Token's decoding is beam search either way.
+    """
+
+    num_beams: int
+    method: str
+
+
+# Lewis et al. (2020), Appendix A: "For Open-domain QA [...] For RAG-Sequence models [...] we use
+# the Thorough Decoding approach since answers are generally short. We use greedy decoding for
+# QA as we did not find beam search improved results. For Open-MSMarco and Jeopardy question
+# generation [...] We use a beam size of four, and use the Fast Decoding approach for
+# RAG-Sequence models, as Thorough Decoding did not improve performance." Entity QA is the
+# course's open-domain QA, qgen its Jeopardy question generation; fact verification decodes
+# nothing (:func:`evaluate_labels`).
+DECODING = {"entity-qa": Decoding(num_beams=1, method="thorough"),
+            "qgen": Decoding(num_beams=4, method="fast")}
+
+
 def evaluate_rag(model, examples: Sequence[Example], marginalization: str = "token",
-                 n_docs: int | None = None, num_beams: int = 1, decoding: str = "fast",
+                 n_docs: int | None = None, num_beams: int = DECODING["entity-qa"].num_beams,
+                 decoding: str = DECODING["entity-qa"].method,
                  progress: bool = False) -> tuple[dict[str, float], list[Prediction]]:
-    """EM / F1 of a :class:`~ragbook.pipeline.RagModel` with provenance for each answer."""
+    """EM / F1 of a :class:`~ragbook.pipeline.RagModel` (or :class:`ClosedBook`) with
+    provenance for each answer; decoded by default as the paper decodes open-domain QA."""
     predictions = model.answer([e.question for e in examples], [e.answers for e in examples],
                                marginalization=marginalization, n_docs=n_docs,
                                num_beams=num_beams, decoding=decoding, progress=progress)
     return score_predictions(predictions), predictions
+
+
+def evaluate_labels(model, examples: Sequence[Example], labels: Sequence[str],
+                    marginalization: str = "token",
+                    batch_size: int = 32) -> tuple[dict[str, float], list[Prediction]]:
+    """Label accuracy of a classifier that scores each label y under the model (Table 2,
+    FEVER): the prediction is argmax_y log p(y|x), with log p(y|x) = −``model.loss`` for the
+    example (x, y) — Eq. 1 or Eq. 2 over the retrieved passages for a RAG model, p_θ(y|x) for
+    :class:`ClosedBook`. The paper maps each FEVER class to one output token, where the two
+    marginalizations coincide (§2.1, §3.4); scored as a whole, a label written in several
+    tokens can never be misspelt. No gradient; the retriever is read, not trained.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logp = torch.stack([torch.cat([
+            -model.loss([Example(e.question, [label]) for e in examples[i:i + batch_size]],
+                        marginalization, train_retriever=False).float().cpu()
+            for i in range(0, len(examples), batch_size)]) for label in labels], dim=1)
+    model.train(was_training)
+    predictions = [Prediction(e.question, labels[j], list(e.answers))
+                   for e, j in zip(examples, logp.argmax(dim=1).tolist())]
+    return ({"accuracy": accuracy([p.prediction for p in predictions], examples),
+             "n": len(examples)}, predictions)
 
 
 def retrieval_recall(model, examples: Sequence[Example], ks: Sequence[int] = (1, 5, 20),

@@ -12,12 +12,18 @@ the passages and their scores come from BM25 and the query encoder plays no part
 
 so the logits simply add; the top-k is taken over the union of each expert's top candidates and
 gradients still reach the query encoder through the dense term.
+
+Each answer comes back as a :class:`Prediction`: the answer, the gold answers and its provenance
+(the retrieved passages with p(z | x, y)), judged by Exact Match under SQuAD's answer
+normalisation, which lives here with it; ``evaluate`` builds its metrics on top.
 """
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +32,6 @@ from torch import Tensor
 from . import rag
 from .config import RETRIEVERS, Preset
 from .data import Example, Passage
-from .evaluate import Prediction
 from .generator import encode_inputs, encode_targets, token_logprobs
 
 MARGINALIZATIONS = {"sequence": rag.rag_sequence_loss, "token": rag.rag_token_loss}
@@ -39,6 +44,34 @@ MARGINALIZATIONS = {"sequence": rag.rag_sequence_loss, "token": rag.rag_token_lo
 # 0.78 at w = 4); Exact Match is higher at w = 4 than at w = 1 all the same.
 BM25_WEIGHT = 4.0
 HYBRID_DEPTH = 20  # candidates taken from each expert before the product re-ranks them
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, drop punctuation and articles, squeeze spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+@dataclass
+class Prediction:
+    """One answer with its provenance: the passages it was generated from and p(z | x, y)."""
+
+    question: str
+    prediction: str
+    answers: list[str]
+    provenance: list[dict] = field(default_factory=list)  # {id, title, posterior}
+
+    @property
+    def em(self) -> float:
+        return exact_match(self.prediction, self.answers)
 
 
 @dataclass

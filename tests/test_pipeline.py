@@ -21,20 +21,11 @@ from ragbook import pipeline, rag
 from ragbook import train as T
 from ragbook.config import Preset
 from ragbook.data import Example, Passage
-from ragbook.evaluate import (
-    Prediction,
-    edit_facts,
-    edited_corpus,
-    evaluate_rag,
-    exact_match,
-    f1_score,
-    hot_swap,
-    k_sweep,
-)
+from ragbook.evaluate import edit_facts, edited_corpus, evaluate_rag, f1_score, hot_swap, k_sweep
 from ragbook.generator import encode_inputs, encode_targets, tiny_config, token_logprobs
 from ragbook.generator import train_tokenizer as train_bpe
 from ragbook.index import DenseIndex
-from ragbook.pipeline import RagModel
+from ragbook.pipeline import Prediction, RagModel, exact_match
 from ragbook.retriever import BM25Retriever, Encoder
 
 TOWNS = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India",
