@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import cache_dir
@@ -40,19 +41,32 @@ def cached(recipe: str, params: dict, build: Callable[[Path], None]) -> Path:
     final = artifact_path(recipe, params)
     if (final / MANIFEST).exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         build(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"recipe": recipe, "params": params},
                                                indent=2, default=str))
-        if final.exists():  # a stale, incomplete directory (no manifest): replace it
-            shutil.rmtree(final)
+    return final
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Write a directory all or nothing: the body fills a temporary directory beside
+    ``final``, which replaces ``final`` (an older copy or a stale, incomplete one) only when
+    the body has finished. An interruption leaves ``final`` as it was, or absent, never half
+    written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        old = tmp.with_name(tmp.name + ".old")
+        if final.exists():
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

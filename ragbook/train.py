@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_torch_save, atomic_write_bytes
+from .artifacts import atomic_directory, atomic_torch_save, atomic_write_bytes
 from .config import autocast, bf16_supported
 from .data import article_split, load_corpus
 from .generator import pad, shift_right, tiny_config, train_tokenizer
@@ -77,7 +77,7 @@ def text_infilling(ids: list[int], mask_id: int, rng: random.Random, ratio: floa
 class PretrainConfig:
     """The recipe of the shipped generator (its ``pretrain.json`` records the run)."""
 
-    steps: int = 5_000
+    steps: int = 4_000
     batch_size: int = 32
     seq_len: int = 64
     lr: float = 7e-4
@@ -171,12 +171,13 @@ def heldout_loss(model, tokenizer, texts: list[str], cfg: PretrainConfig) -> flo
 
 
 def save_generator(model, tokenizer, out: Path, meta: dict) -> None:
-    """Write the generator (safetensors), its tokenizer and the recipe beside it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    atomic_write_bytes(out / "pretrain.json", json.dumps(meta, indent=2).encode())
+    """Write the generator (safetensors), its tokenizer and the recipe beside it, all or
+    nothing (:func:`~ragbook.artifacts.atomic_directory`): an interrupted export leaves the
+    previous generator, never a half-written one that loads."""
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(meta, indent=2))
 
 
 def _settings(cfg) -> dict:

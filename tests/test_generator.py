@@ -268,18 +268,39 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
         with pytest.raises(error):
             train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
     # Ctrl-C checkpoints where it stopped; a crash falls back to the last scheduled checkpoint
-    saved = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=True)
     assert saved["state"]["step"] == 3
     resumed = train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
 
     assert resumed["step"] == straight["step"] == cfg.steps
     assert resumed["history"] == straight["history"]
     assert resumed["heldout_loss"] == straight["heldout_loss"]
-    a = torch.load(tmp_path / "a-work" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a-work" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["step"] == cfg.steps
+
+
+def test_an_interrupted_generator_export_leaves_the_previous_one(tmp_path, monkeypatch):
+    """save_generator writes all or nothing: a crash half-way through an export (here in the
+    tokenizer, after the weights) keeps the generator that was there, and it still loads."""
+    texts = ["Some words for a tokenizer to learn from."] * 20
+    tok = generator.train_tokenizer(texts, vocab_size=300)
+    model = BartForConditionalGeneration(generator.tiny_config(tok, 16, 1))
+    out = tmp_path / "gen"
+    train.save_generator(model, tok, out, {"step": 1})
+    before = (out / "model.safetensors").read_bytes()
+
+    torch.nn.init.ones_(model.model.shared.weight)  # new weights that must not land
+    monkeypatch.setattr(type(tok), "save_pretrained",
+                        lambda self, path: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        train.save_generator(model, tok, out, {"step": 2})
+    assert (out / "model.safetensors").read_bytes() == before
+    assert json.loads((out / "pretrain.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]  # no temporary left behind
+    BartForConditionalGeneration.from_pretrained(out)
 
 
 @pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
@@ -306,7 +327,7 @@ def test_pretraining_in_bf16_runs_under_autocast_and_records_it(tmp_path, monkey
                        train.PretrainConfig(**{**TINY, "steps": 2, "bf16": False}),
                        work=tmp_path / "True-work", progress=False)
     # an fp32 run's settings are those written before bf16 existed: old checkpoints resume
-    saved = torch.load(tmp_path / "False-work" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "False-work" / "checkpoint.pt", weights_only=True)
     assert "bf16" not in saved["state"]["settings"]
 
 

@@ -241,7 +241,7 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(toy, reference, tmp_p
     model = _ctrl_c_at_step(_model(toy), 6)
     with pytest.raises(KeyboardInterrupt):
         T.train_rag(model, EXAMPLES, _cfg(), checkpoint=path, progress=False)
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["state"]["step"] == 5  # written on interrupt, not only every 3 steps
     assert saved["state"]["history"] == reference.state["history"][:5]
     assert set(saved) == {"generator", "query_encoder", "optimizer", "scheduler", "state"}
@@ -255,7 +255,7 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(toy, reference, tmp_p
         m.setattr(os, "fsync", full_disk)
         with pytest.raises(OSError, match="No space"):
             T.train_rag(_model(toy), EXAMPLES, _cfg(), checkpoint=path, progress=False)
-    assert torch.load(path, weights_only=False)["state"]["step"] == 5
+    assert torch.load(path, weights_only=True)["state"]["step"] == 5
     assert _files(path) == ["rag.pt"]
 
     resumed = _model(toy)  # a new process: fresh weights, everything else from the checkpoint
