@@ -22,8 +22,9 @@ reproduce: $(VENV)/.installed   ## the course's main job, tiny preset, offline
 
 test: lint pytest nbval           ## everything CI runs
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed          ## ruff, and the committed notebook outputs fit to read
 	$(BIN)/ruff check .
+	$(BIN)/python notebooks/clean_outputs.py --check
 
 pytest: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests
@@ -36,6 +37,7 @@ lab: $(VENV)/.installed          ## open the course in JupyterLab
 
 notebooks: $(VENV)/.installed    ## re-execute every notebook in place (refreshes committed outputs)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 notebooks/*.ipynb
+	$(BIN)/python notebooks/clean_outputs.py
 
 clean:
 	rm -rf $(VENV) .cache runs
