@@ -12,8 +12,9 @@ Three FAISS index kinds, all with the inner-product metric:
 - ``flat``: exact search, n·d multiply-adds per question; 4·d bytes per vector.
 - ``hnsw``: a graph of "small world" neighbours searched greedily (Malkov & Yashunin 2018):
   approximate, far faster, and larger than flat (the graph adds ~2·M links per vector).
-  ``M=32`` links per node, ``efConstruction=80`` and ``efSearch=128`` candidates: recall@10 above
-  0.95 of exact on 1M vectors (see benchmarks/README.md). Larger ef = better recall, slower.
+  ``M=32`` links per node, ``efConstruction=80`` and ``efSearch=128`` candidates, the smallest
+  ``efSearch`` that meets recall@10 ≥ 0.95 of exact search at 1M vectors (benchmarks/README.md).
+  Larger ef = better recall, slower.
 - ``ivfpq``: an inverted file of ``nlist`` k-means cells (≈ 4·√n), each vector stored as a
   product-quantization code of ``pq_m`` bytes (d/8 sub-vectors of 8 bits): 32× smaller than
   flat at d = 384. ``nprobe`` cells are visited per question. With ``rerank=True`` an
@@ -25,7 +26,15 @@ Three FAISS index kinds, all with the inner-product metric:
 
 An index on disk is a directory: ``index.faiss`` (FAISS's own format, ``faiss.write_index``),
 ``meta.json`` (encoder, pooling, dimension, metric, kind, sizes and checksums) and
-``passages.jsonl``. No pickle: every file can be read by other tools.
+``passages.jsonl``. No pickle: every file can be read by other tools. The paper's BM25 baseline
+saves the same way (:func:`save_bm25`, bm25s's own arrays in ``bm25/``), and a *fusion*
+directory holds one of each, ``dense/`` and ``bm25/``, whose rankings are fused at search time
+(``retriever.FusionRetriever``). :func:`build_index` writes any of the three and
+:func:`open_index` reads any of them back as a retriever: ``ragbook index`` and ``ragbook
+search`` are these two functions.
+
+Last, :func:`corpus_index` is the course's recipe for the built-in corpus: encoded with a
+preset's BERT_d, indexed, and cached (``ragbook.artifacts``), so that any notebook starts cold.
 """
 
 from __future__ import annotations
@@ -34,20 +43,28 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import DataError, Passage
+from .data import DataError, Passage, SearchResult, corpus_fingerprint
+
+if TYPE_CHECKING:
+    from .config import Preset
+    from .retriever import BM25Retriever, DenseRetriever, FusionRetriever
 
 KINDS = ("flat", "hnsw", "ivfpq")
+# What an index directory holds: dense (FAISS), bm25, or fusion (one of each, fused by RRF).
+INDEX_RETRIEVERS = ("dense", "bm25", "fusion")
 METRIC = "inner_product"
 FORMAT = 1
 INDEX_FILE, META_FILE, PASSAGES_FILE = "index.faiss", "meta.json", "passages.jsonl"
+REBUILD = "rebuild it with `ragbook index`"
 
 # HNSW: links per node, candidate-list sizes while building and while searching.
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
@@ -62,36 +79,38 @@ class QueryEncoder(Protocol):
     dim: int
 
 
-@dataclass
-class SearchResult:
-    """Top-k passages for each of n queries, best first.
-
-    ``scores[i, j]`` is the inner product d(z)ᵀq(x) of query i with its j-th passage (the
-    retriever's logit), ``indices[i, j]`` that passage's position in the corpus list. An
-    approximate index may find fewer than k passages for a query: the missing slots have index
-    -1 and score -inf, and are left out of ``ids`` and ``passages``.
-    """
-
-    ids: list[list[str]]
-    passages: list[list[Passage]]
-    scores: np.ndarray  # (n, k) float32
-    indices: np.ndarray  # (n, k) int64
-
-
-def corpus_fingerprint(passages: list[Passage]) -> str:
-    """SHA-256 of every passage's id, title and text, in order: the corpus's identity."""
-    h = hashlib.sha256()
-    for p in passages:
-        h.update(f"{p.id}\x1f{p.title}\x1f{p.text}\x1e".encode())
-    return h.hexdigest()
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _read_meta(directory: Path) -> dict:
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise DataError(f"{directory / META_FILE}: unreadable metadata; {REBUILD}")
+    return meta
+
+
+def _write_passages(path: Path, passages: Sequence[Passage]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for p in passages:
+            f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+
+
+def _read_passages(directory: Path, meta: dict) -> list[Passage]:
+    """The passages saved beside an index, refused unless they are those it was built on."""
+    with open(directory / PASSAGES_FILE, encoding="utf-8") as f:
+        passages = [Passage(**json.loads(line)) for line in f if line.strip()]
+    if len(passages) != meta.get("count") \
+            or corpus_fingerprint(passages) != meta.get("fingerprint"):
+        raise DataError(f"{directory}: the passages do not match the index; {REBUILD}")
+    return passages
 
 
 def default_params(kind: str, n: int, dim: int) -> dict[str, int]:
@@ -325,9 +344,7 @@ class DenseIndex:
         tmp = directory / f".{INDEX_FILE}.tmp"
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, directory / INDEX_FILE)
-        with open(directory / PASSAGES_FILE, "w", encoding="utf-8") as f:
-            for p in self.passages:
-                f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+        _write_passages(directory / PASSAGES_FILE, self.passages)
         files = {name: {"bytes": (directory / name).stat().st_size,
                         "sha256": _file_sha256(directory / name)}
                  for name in (INDEX_FILE, PASSAGES_FILE)}
@@ -344,57 +361,163 @@ class DenseIndex:
         one that built the index. ``mmap=True`` maps the FAISS file into memory instead of
         reading it: a corpus larger than RAM stays searchable, at the cost of disk reads.
         """
-        directory = Path(directory)
-        hint = "rebuild it with `ragbook index` (or DenseIndex.build(...).save(dir))"
-        if not directory.is_dir():
-            raise DataError(f"{directory}: no such index directory; check the path, or build "
-                            "one with `ragbook index`")
+        directory = _index_directory(directory)
         for name in (META_FILE, INDEX_FILE, PASSAGES_FILE):
             if not (directory / name).is_file():
                 raise DataError(f"{directory}: {name} is missing, so the index is incomplete "
-                                f"(an interrupted save?); {hint}")
-        try:
-            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-            files = meta["files"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{directory / META_FILE}: unreadable metadata; {hint}") from None
+                                f"(an interrupted save?); {REBUILD}")
+        meta = _read_meta(directory)
+        files = meta.pop("files", None)
         if meta.get("format") != FORMAT:
             raise DataError(f"{directory}: index format {meta.get('format')!r}, this ragbook "
-                            f"reads format {FORMAT}; {hint}")
+                            f"reads format {FORMAT}; {REBUILD}")
+        if not isinstance(files, dict) or not {INDEX_FILE, PASSAGES_FILE} <= files.keys():
+            raise DataError(f"{directory / META_FILE}: unreadable metadata; {REBUILD}")
         for name in (INDEX_FILE, PASSAGES_FILE):
             path, want = directory / name, files[name]
             size = path.stat().st_size
             if size != want["bytes"]:
                 raise DataError(f"{path}: {size:,} bytes but {want['bytes']:,} were written "
-                                f"(truncated or replaced); {hint}")
+                                f"(truncated or replaced); {REBUILD}")
             if _file_sha256(path) != want["sha256"]:
-                raise DataError(f"{path}: checksum mismatch, the file is corrupted; {hint}")
+                raise DataError(f"{path}: checksum mismatch, the file is corrupted; {REBUILD}")
         index = faiss.read_index(str(directory / INDEX_FILE),
                                  faiss.IO_FLAG_MMAP_IFC if mmap else 0)
-        with open(directory / PASSAGES_FILE, encoding="utf-8") as f:
-            passages = [Passage(**json.loads(line)) for line in f if line.strip()]
-        meta.pop("files")
-        if len(passages) != meta["count"] or index.ntotal != meta["count"] \
-                or corpus_fingerprint(passages) != meta["fingerprint"]:
-            raise DataError(f"{directory}: the passages do not match the index; {hint}")
+        passages = _read_passages(directory, meta)
+        if index.ntotal != meta["count"]:
+            raise DataError(f"{directory}: the passages do not match the index; {REBUILD}")
         loaded = cls(index, passages, meta)
         if encoder is not None:
             loaded.check_encoder(encoder, where=f"the index at {directory}")
         return loaded
 
 
+def _index_directory(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such index directory; check the path, or build "
+                        "one with `ragbook index`")
+    return directory
+
+
+# ---------------------------------------------------------------------- BM25 on disk
+
+
+def save_bm25(retriever: BM25Retriever, directory: str | Path) -> Path:
+    """Save a :class:`~ragbook.retriever.BM25Retriever`: bm25s's own files (numpy arrays and
+    JSON, no pickle) in ``bm25/``, ``passages.jsonl``, and last ``meta.json`` with the
+    passages' fingerprint, so that :func:`load_bm25` can check they belong together."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)
+    retriever.model.save(str(directory / "bm25"), show_progress=False)
+    _write_passages(directory / PASSAGES_FILE, retriever.passages)
+    meta = {"format": FORMAT, "retriever": "bm25", "kind": "bm25",
+            "count": len(retriever.passages), "fingerprint": corpus_fingerprint(retriever.passages)}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_bm25(directory: str | Path) -> BM25Retriever:
+    """Read a BM25 index saved by :func:`save_bm25` (no re-indexing)."""
+    import bm25s
+
+    from .retriever import BM25Retriever
+
+    directory = _index_directory(directory)
+    if not all((directory / f).is_file() for f in (META_FILE, PASSAGES_FILE)) \
+            or not (directory / "bm25").is_dir():
+        raise DataError(f"{directory}: the BM25 index is incomplete; {REBUILD}")
+    passages = _read_passages(directory, _read_meta(directory))
+    return BM25Retriever(passages, bm25s.BM25.load(str(directory / "bm25"),
+                                                   show_progress=False))
+
+
+# ---------------------------------------------------------------------- any index directory
+
+
+def _dense_metadata(preset: Preset) -> dict[str, Any]:
+    """What :func:`open_index` needs to rebuild BERT_q for an index of ``preset``'s BERT_d."""
+    return {"encoder": preset.doc_encoder, "query_encoder": preset.query_encoder,
+            "pooling": preset.pooling, "normalize": preset.normalize, "preset": preset.name,
+            "max_query_length": preset.max_query_length, "retriever": "dense"}
+
+
+def build_index(passages: Sequence[Passage], directory: str | Path, retriever: str = "dense",
+                preset: Preset | str = "tiny", kind: str = "flat",
+                progress: bool = True) -> str:
+    """Index ``passages`` into ``directory`` for :func:`open_index`; returns what was built.
+
+    ``retriever``: ``"dense"`` encodes every passage with ``preset``'s BERT_d (cached per
+    encoder and corpus, ``retriever.passage_embeddings``) into a FAISS index of ``kind``;
+    ``"bm25"`` builds the sparse baseline; ``"fusion"`` both, in ``dense/`` and ``bm25/``.
+    """
+    from .config import get_preset
+    from .retriever import BM25Retriever, passage_embeddings
+
+    if retriever not in INDEX_RETRIEVERS:
+        raise ValueError(f"unknown retriever {retriever!r}; choose one of {INDEX_RETRIEVERS}")
+    directory = Path(directory)
+    if retriever == "bm25":
+        save_bm25(BM25Retriever(passages), directory)
+        return "BM25 index"
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if retriever == "fusion":
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / META_FILE).unlink(missing_ok=True)
+        dense = build_index(passages, directory / "dense", "dense", preset, kind, progress)
+        save_bm25(BM25Retriever(passages), directory / "bm25")
+        (directory / META_FILE).write_text(json.dumps(
+            {"format": FORMAT, "retriever": "fusion", "parts": ["dense", "bm25"]}, indent=2))
+        return f"{dense} + BM25 index, rankings fused by reciprocal rank fusion"
+    vectors = passage_embeddings(preset, passages, progress=progress)
+    index = DenseIndex.build(vectors, list(passages), kind=kind, progress=progress,
+                             metadata=_dense_metadata(preset))
+    index.save(directory)
+    return f"{index.kind} index ({index.dim} dims, encoder {index.encoder})"
+
+
+def open_index(directory: str | Path) -> DenseRetriever | BM25Retriever | FusionRetriever:
+    """The retriever, with ``.search(questions, k)``, for a directory :func:`build_index`
+    wrote: BERT_q and MIPS over a dense index, BM25, or both fused by rank fusion."""
+    from .retriever import DenseRetriever, Encoder, FusionRetriever
+
+    directory = _index_directory(directory)
+    meta = _read_meta(directory) if (directory / META_FILE).is_file() else {}
+    retriever = meta.get("retriever", "dense")
+    if retriever == "hybrid":  # rank fusion's former name, now that of a RAG prior (pipeline)
+        raise DataError(f"{directory}: a rank-fusion index from an older ragbook (\"hybrid\"); "
+                        "rebuild it with `ragbook index --retriever fusion`")
+    if retriever not in INDEX_RETRIEVERS:
+        raise DataError(f"{directory}: unknown retriever {retriever!r} in {META_FILE}; "
+                        f"{REBUILD}")
+    if retriever == "bm25":
+        return load_bm25(directory)
+    if retriever == "fusion":
+        return FusionRetriever([open_index(directory / part) for part in meta["parts"]])
+    index = DenseIndex.load(directory)
+    name = index.metadata.get("query_encoder") or index.encoder
+    if name is None:
+        raise DataError(f"{directory}: the index does not name its encoder; {REBUILD}")
+    encoder = Encoder(name, index.metadata.get("pooling") or "mean",
+                      bool(index.metadata.get("normalize")),
+                      index.metadata.get("max_query_length") or 64)
+    index.check_encoder(encoder, where=f"the index at {directory}")
+    return DenseRetriever(encoder, index)
+
+
 # ---------------------------------------------------------------------- the course's corpus
 
 
-def corpus_index(preset: Any = "tiny", kind: str = "flat", rerank: bool = True,
+def corpus_index(preset: Preset | str = "tiny", kind: str = "flat", rerank: bool = True,
                  progress: bool = True, **params: int) -> DenseIndex:
-    """The built-in corpus's index for ``preset``: built on first use, then loaded from the
-    cache (``ragbook.artifacts``). Vectors come from ``retriever.passage_embeddings(preset)``,
-    aligned with ``data.load_corpus()``."""
+    """The built-in corpus's index for ``preset``: a cached recipe (``ragbook.artifacts``),
+    built on first use from ``retriever.passage_embeddings(preset)`` (aligned with
+    ``data.load_corpus()``), then loaded."""
     from . import artifacts, data, retriever
-    from .config import Preset, get_preset
+    from .config import get_preset
 
-    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    preset = get_preset(preset) if isinstance(preset, str) else preset
     recipe = {"doc_encoder": preset.doc_encoder, "query_encoder": preset.query_encoder,
               "pooling": preset.pooling, "normalize": preset.normalize,
               "max_passage_length": preset.max_passage_length,
@@ -405,10 +528,7 @@ def corpus_index(preset: Any = "tiny", kind: str = "flat", rerank: bool = True,
 
     def build(tmp: Path) -> None:
         vectors = retriever.passage_embeddings(preset)
-        meta = {"encoder": preset.doc_encoder, "query_encoder": preset.query_encoder,
-                "pooling": preset.pooling, "normalize": preset.normalize, "preset": preset.name,
-                "max_query_length": preset.max_query_length, "retriever": "dense"}
-        DenseIndex.build(vectors, data.load_corpus(), kind=kind, metadata=meta, rerank=rerank,
-                         progress=progress, seed=preset.seed, **params).save(tmp)
+        DenseIndex.build(vectors, data.load_corpus(), kind=kind, metadata=_dense_metadata(preset),
+                         rerank=rerank, progress=progress, seed=preset.seed, **params).save(tmp)
 
     return DenseIndex.load(artifacts.cached("corpus_index", recipe, build))

@@ -16,8 +16,9 @@ This chapter holds:
   computed;
 - :func:`passage_embeddings`: d(z) for the whole corpus, encoded once and cached;
 - :func:`dpr_loss` and :func:`train_query_encoder`: DPR's in-batch-negative training;
-- :class:`BM25Retriever`, :class:`DenseRetriever` and :class:`HybridRetriever`: three retrievers
-  with one result type, :class:`ragbook.index.SearchResult`.
+- :class:`BM25Retriever`, :class:`DenseRetriever` and :class:`FusionRetriever` (the two
+  rankings merged by reciprocal rank fusion): three retrievers with one result type,
+  :class:`ragbook.data.SearchResult`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .artifacts import cached
 from .config import Preset, autocast, bf16_supported, resolve_model
-from .data import Example, Passage, load_corpus, load_task
-from .index import SearchResult, corpus_fingerprint
+from .data import Example, Passage, SearchResult, corpus_fingerprint, load_corpus, load_task
 
 LINEAGE_FILE = "ragbook_encoder.json"
 POOLINGS = ("mean", "cls")
@@ -158,9 +158,9 @@ class Encoder(torch.nn.Module):
         """d(z) for each passage, (N, dim) float32.
 
         Where the device runs bf16 natively, BERT_d's products run in bf16
-        (``config.autocast``): 2.1× faster on an AVX512-BF16 CPU, vectors equal to fp32's
-        within cosine 0.9999. Questions (:meth:`encode`, :meth:`forward`) stay in fp32, so
-        that a question's vector never depends on the batch it is encoded in.
+        (``config.autocast``; speed and agreement with fp32 in benchmarks/README.md, "bf16 on
+        the CPU"). Questions (:meth:`encode`, :meth:`forward`) stay in fp32, so that a
+        question's vector never depends on the batch it is encoded in.
         """
         with autocast(self.device):
             return self.encode(self.passage_texts(passages), batch_size=batch_size,
@@ -210,10 +210,10 @@ def passage_embeddings(preset: Preset, passages: Sequence[Passage] | None = None
                        progress: bool = True, batch_size: int = 64) -> np.ndarray:
     """d(z) for every passage (default: the built-in corpus, in ``load_corpus()`` order).
 
-    Returns (N, dim) float32. Encoding ~12k passages takes minutes on a CPU, so the matrix is
-    built once per (document encoder, pooling, normalisation, max length, corpus) and cached
-    under ``$RAGBOOK_CACHE/passage_embeddings`` (on a GPU when there is one; in bf16 where
-    the device runs it natively, :meth:`Encoder.encode_passages`).
+    Returns (N, dim) float32. Encoding the corpus takes minutes on a CPU (benchmarks/README.md),
+    so the matrix is built once per (document encoder, pooling, normalisation, max length,
+    corpus) and cached under ``$RAGBOOK_CACHE/passage_embeddings`` (on a GPU when there is one;
+    in bf16 where the device runs it natively, :meth:`Encoder.encode_passages`).
     """
     passages = load_corpus() if passages is None else list(passages)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -365,8 +365,8 @@ def trained_query_encoder(preset: Preset, steps: int = 300, batch_size: int = 32
                           task: str = "entity-qa", progress: bool = True) -> Encoder:
     """BERT_q fine-tuned on ``task``'s train split against the frozen, cached corpus vectors.
 
-    A cached recipe: the first call trains (about a minute for 300 steps on two CPU cores),
-    later calls load the saved checkpoint. ``loss.json`` in the checkpoint holds the loss curve.
+    A cached recipe: the first call trains, later calls load the saved checkpoint.
+    ``loss.json`` in the checkpoint holds the loss curve.
     """
     corpus = load_corpus()
     params = {**{k: v for k, v in preset.to_dict().items() if k not in (
@@ -394,15 +394,6 @@ def trained_query_encoder(preset: Preset, steps: int = 300, batch_size: int = 32
 # --------------------------------------------------------------------------- retrievers
 
 
-def _search_result(passages: Sequence[Passage], indices: np.ndarray,
-                   scores: np.ndarray) -> SearchResult:
-    indices = np.asarray(indices, dtype=np.int64)
-    return SearchResult(
-        ids=[[passages[j].id for j in row] for row in indices],
-        passages=[[passages[j] for j in row] for row in indices],
-        scores=np.asarray(scores, dtype=np.float32), indices=indices)
-
-
 class DenseRetriever:
     """q(x) from BERT_q, then maximum inner product search in an index of d(z).
 
@@ -421,17 +412,20 @@ class DenseRetriever:
 class BM25Retriever:
     """The paper's sparse baseline (Table 6, "BM25"): Okapi BM25 over "title text", by bm25s.
 
-    Words are lower-cased and English stop words dropped; no stemming.
+    Words are lower-cased and English stop words dropped; no stemming. ``model``: a
+    ``bm25s.BM25`` already indexed over ``passages`` (``index.load_bm25`` reads one from disk).
     """
 
-    def __init__(self, passages: Sequence[Passage]):
+    def __init__(self, passages: Sequence[Passage], model=None):
         import bm25s
 
         self.passages = list(passages)
-        tokens = bm25s.tokenize([f"{p.title} {p.text}" for p in self.passages],
-                                stopwords="en", show_progress=False)
-        self.model = bm25s.BM25()
-        self.model.index(tokens, show_progress=False)
+        self.model = model
+        if model is None:
+            tokens = bm25s.tokenize([f"{p.title} {p.text}" for p in self.passages],
+                                    stopwords="en", show_progress=False)
+            self.model = bm25s.BM25()
+            self.model.index(tokens, show_progress=False)
 
     def scores(self, questions: Sequence[str]) -> np.ndarray:
         """BM25(x, z) of every passage z for each question x: (len(questions), n_passages)."""
@@ -449,7 +443,7 @@ class BM25Retriever:
         k = min(k, len(self.passages))
         tokens = bm25s.tokenize(list(questions), stopwords="en", show_progress=False)
         indices, scores = self.model.retrieve(tokens, k=k, show_progress=False)
-        return _search_result(self.passages, indices, scores)
+        return SearchResult.from_indices(self.passages, indices, scores)
 
 
 def reciprocal_rank_fusion(results: Sequence[SearchResult], k: int,
@@ -474,15 +468,14 @@ def reciprocal_rank_fusion(results: Sequence[SearchResult], k: int,
         top = sorted(fused.items(), key=lambda t: -t[1])[:k]
         rows.append([j for j, _ in top])
         scores.append([s for _, s in top])
-    return SearchResult(
-        ids=[[by_index[j].id for j in row] for row in rows],
-        passages=[[by_index[j] for j in row] for row in rows],
-        scores=np.asarray(scores, dtype=np.float32), indices=np.asarray(rows, dtype=np.int64))
+    return SearchResult.from_indices(by_index, rows, scores)
 
 
-class HybridRetriever:
-    """Dense and BM25 rankings fused by reciprocal rank fusion, as pyserini's hybrid runs
-    do; each retriever contributes its top ``depth`` passages."""
+class FusionRetriever:
+    """Several retrievers' rankings (dense and BM25, say) merged by
+    :func:`reciprocal_rank_fusion`, as pyserini's fusion runs do; each retriever contributes
+    its top ``depth`` passages. (Not RAG's "hybrid" prior, ``pipeline.RagModel``, which
+    multiplies the two experts' probabilities.)"""
 
     def __init__(self, retrievers: Sequence, depth: int = 100, rrf_k: float = 60.0):
         self.retrievers, self.depth, self.rrf_k = list(retrievers), depth, rrf_k

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from ragbook.data import DataError, Passage
-from ragbook.index import DenseIndex, SearchResult, corpus_fingerprint, default_params
+from ragbook.data import DataError, Passage, SearchResult, corpus_fingerprint
+from ragbook.index import DenseIndex, default_params
 
 DIM, N, K = 32, 3000, 10
 META = {"encoder": "enc-a", "pooling": "mean", "normalize": True}
@@ -35,8 +35,8 @@ def corpus(n: int, prefix: str = "p") -> list[Passage]:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_faiss_thread():
-    """FAISS's OpenMP threads stall each other on a loaded machine (a 3,000-vector IVF-PQ
-    build: 20 s with 2 threads, 1.6 s with 1); these tests are small, so one thread it is."""
+    """FAISS's OpenMP threads stall each other on a loaded machine (benchmarks/README.md);
+    these tests are small, so one thread it is."""
     import faiss
 
     threads = faiss.omp_get_max_threads()
@@ -255,3 +255,40 @@ def test_corpus_index_is_built_once_then_loaded(tmp_path, monkeypatch):
     assert calls == ["tiny"] and len(first) == len(second) == n_passages
     assert first.metadata["encoder"] == second.metadata["encoder"] == "all-MiniLM-L6-v2"
     assert second.search(clustered(3, 9), 4).ids == first.search(clustered(3, 9), 4).ids
+
+
+def test_bm25_saves_and_loads_without_re_indexing(tmp_path, monkeypatch):
+    from ragbook.index import load_bm25, open_index, save_bm25
+    from ragbook.retriever import BM25Retriever
+
+    passages = [Passage(f"p{i}", f"T{i}", f"text about topic{i} and word{i % 3}")
+                for i in range(30)]
+    bm25 = BM25Retriever(passages)
+    save_bm25(bm25, tmp_path / "bm")
+    questions = ["topic7", "word2 topic11"]
+    monkeypatch.setattr("bm25s.BM25.index", lambda *a, **k: pytest.fail("re-indexed"))
+    for loaded in (load_bm25(tmp_path / "bm"), open_index(tmp_path / "bm")):
+        assert isinstance(loaded, BM25Retriever) and loaded.passages == passages
+        again, first = loaded.search(questions, 5), bm25.search(questions, 5)
+        assert again.ids == first.ids and again.ids[0][0] == "p7"
+        np.testing.assert_allclose(again.scores, first.scores)
+    path = tmp_path / "bm" / "passages.jsonl"
+    path.write_text(path.read_text().replace("topic7", "topic8"))
+    with pytest.raises(DataError, match="do not match the index; rebuild"):
+        load_bm25(tmp_path / "bm")
+    (tmp_path / "bm" / "meta.json").unlink()
+    with pytest.raises(DataError, match="BM25 index is incomplete"):
+        load_bm25(tmp_path / "bm")
+
+
+def test_open_index_refuses_what_it_cannot_read(tmp_path):
+    from ragbook.index import open_index
+
+    with pytest.raises(DataError, match="no such index directory"):
+        open_index(tmp_path / "nowhere")
+    for meta, message in (({"retriever": "hybrid"}, "--retriever fusion"),
+                          ({"retriever": "sparse"}, "unknown retriever 'sparse'"),
+                          ([1, 2], "unreadable metadata")):
+        (tmp_path / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(DataError, match=message):
+            open_index(tmp_path)

@@ -1,4 +1,4 @@
-"""The DPR bi-encoder, its loss and training, and the BM25 / hybrid baselines.
+"""The DPR bi-encoder, its loss and training, and the BM25 / rank-fusion baselines.
 
 Everything runs on tiny random BERT and DPR checkpoints saved with ``save_pretrained`` in a
 temporary directory (the paper preset's loading path); one test loads the real MiniLM.
@@ -13,8 +13,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, DPRConfig
 from ragbook import config as C
 from ragbook import retriever as R
 from ragbook.config import MINILM, get_preset, resolve_model
-from ragbook.data import Example, Passage
-from ragbook.index import SearchResult
+from ragbook.data import Example, Passage, SearchResult
 
 N = 12  # toy articles
 WORDS = [f"{c}{i}" for c in "abct" for i in range(N)] + "the cat sat on mat dog ran".split()
@@ -344,7 +343,7 @@ def test_trained_query_encoder_is_a_cached_recipe(tiny_bert, tmp_path, monkeypat
         other.check_encoder(trained)
 
 
-# --------------------------------------------------------------------------- BM25 and hybrid
+# --------------------------------------------------------------------------- BM25 and rank fusion
 
 
 def test_bm25_finds_the_passage_with_the_exact_term():
@@ -392,10 +391,10 @@ class _ExactIndex:
     def search(self, q, k):
         scores = q @ self.vectors.T
         idx = np.argsort(-scores, axis=1)[:, :k]
-        return R._search_result(self.passages, idx, np.take_along_axis(scores, idx, 1))
+        return SearchResult.from_indices(self.passages, idx, np.take_along_axis(scores, idx, 1))
 
 
-def test_dense_and_hybrid_retrievers_share_the_result_type(tiny_bert):
+def test_dense_and_fusion_retrievers_share_the_result_type(tiny_bert):
     examples, passages = _toy_task()
     q = R.Encoder(tiny_bert, "mean", True)
     vectors = q.encode_passages(passages, progress=False)
@@ -405,8 +404,8 @@ def test_dense_and_hybrid_retrievers_share_the_result_type(tiny_bert):
     q_vectors = q.encode(questions, progress=False)
     np.testing.assert_allclose(d.scores[1], vectors[d.indices[1]] @ q_vectors[1], atol=1e-5)
     assert d.indices.shape == (3, 4) and np.all(np.diff(d.scores, axis=1) <= 1e-6)
-    hybrid = R.HybridRetriever([dense, R.BM25Retriever(passages)], depth=10)
-    h = hybrid.search(questions, k=3)
+    fusion = R.FusionRetriever([dense, R.BM25Retriever(passages)], depth=10)
+    h = fusion.search(questions, k=3)
     assert isinstance(h, SearchResult) and h.indices.shape == (3, 3)
     # BM25 matches "a3 b3" exactly, so the fusion puts the gold passage first
     assert [row[0] for row in h.ids] == ["t0::0", "t1::0", "t2::0"]
