@@ -1,4 +1,5 @@
-"""`ragbook index` and `ragbook search` on a tiny own corpus, dense (real MiniLM) and BM25."""
+"""`ragbook index` and `ragbook search` on a tiny own corpus: dense (real MiniLM), BM25 and
+their rank fusion."""
 
 import json
 
@@ -66,20 +67,33 @@ def test_bm25_index_then_search_json(files, capsys):
     assert [r["passages"][0]["id"] for r in records] == [a for _, a in QUESTIONS]
 
 
-def test_hybrid_index_fuses_the_dense_and_bm25_rankings(files, capsys):
+def test_fusion_index_fuses_the_dense_and_bm25_rankings(files, capsys):
+    from ragbook.index import open_index
     from ragbook.retriever import reciprocal_rank_fusion
 
     tmp, corpus, questions = files
-    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "hy"),
-                     "--retriever", "hybrid"]) == 0
-    assert json.loads((tmp / "hy" / "meta.json").read_text())["retriever"] == "hybrid"
-    records = _search_json(capsys, tmp / "hy", questions, k=4)
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "fu"),
+                     "--retriever", "fusion"]) == 0
+    assert json.loads((tmp / "fu" / "meta.json").read_text())["retriever"] == "fusion"
+    records = _search_json(capsys, tmp / "fu", questions, k=4)
     assert [r["passages"][0]["id"] for r in records] == [a for _, a in QUESTIONS]
     # the fused ranking is RRF over what the two halves of the index find on their own
-    parts = [cli._open_retriever(tmp / "hy" / part) for part in ("dense", "bm25")]
+    parts = [open_index(tmp / "fu" / part) for part in ("dense", "bm25")]
     qs = [q for q, _ in QUESTIONS]
     fused = reciprocal_rank_fusion([r.search(qs, len(PASSAGES)) for r in parts], 4)
     assert [[p["id"] for p in r["passages"]] for r in records] == fused.ids
+
+
+def test_a_rank_fusion_index_saved_as_hybrid_asks_for_a_rebuild(files, capsys):
+    tmp, corpus, _ = files
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "old"),
+                     "--retriever", "bm25"]) == 0
+    (tmp / "old" / "meta.json").write_text(json.dumps({"format": 1, "retriever": "hybrid",
+                                                       "parts": ["dense", "bm25"]}))
+    capsys.readouterr()
+    assert cli.main(["search", "--index", str(tmp / "old"), "capital"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ragbook index --retriever fusion" in err
 
 
 def test_squad_and_plain_text_corpora_are_read(tmp_path, capsys):
@@ -100,11 +114,23 @@ def test_squad_and_plain_text_corpora_are_read(tmp_path, capsys):
     (["index", "--corpus", "{tmp}/bad.json", "--out", "{tmp}/o"], "not SQuAD format"),
     (["search", "--index", "{tmp}/nowhere", "a question"], "no such index directory"),
     (["search", "--index", "{tmp}", "--json"], "give a question"),
+    (["search", "--index", "{tmp}", "a question", "--questions", "{tmp}/q.jsonl"], "not both"),
+    (["search", "--index", "{tmp}", "--questions", "{tmp}/v2.json"], "all 2 questions are "
+     "unanswerable"),
+    (["index", "--corpus", "{tmp}/latin1.txt", "--out", "{tmp}/o"], "not UTF-8"),
+    (["index", "--corpus", "{tmp}/bad.json", "--out", "{tmp}/bad.json"], "a file is in the way"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, argv, message):
     (tmp_path / "bad.json").write_text(json.dumps({"data": {"not": "a list"}}))
+    unanswerable = [{"id": str(i), "question": f"Why {i}?", "answers": [], "is_impossible": True}
+                    for i in range(2)]
+    (tmp_path / "v2.json").write_text(json.dumps({"version": "v2.0", "data": [
+        {"title": "T", "paragraphs": [{"context": "Some text.", "qas": unanswerable}]}]}))
+    (tmp_path / "latin1.txt").write_bytes("Café au lait, crème brûlée.".encode("latin-1"))
     assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("ragbook: error: ") and err.count("\n") == 1  # one line
+    assert message in err
 
 
 def test_search_refuses_a_corrupted_index(files, capsys):
