@@ -244,8 +244,12 @@ def load_task(name: str, split: str, seed: int = 0) -> list[Example]:
 # --------------------------------------------------------------------------- own data
 
 
-def _require_file(path: str | Path) -> Path:
+def _require_file(path: str | Path, dataset_ok: bool = False) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a file" + (
+            "; give a file, or a directory written by datasets' save_to_disk" if dataset_ok
+            else "; give a file"))
     if not path.is_file():
         raise DataError(f"{path}: no such file; check the path")
     return path
@@ -368,7 +372,7 @@ def load_passages(source: str | Path | Dataset) -> list[Passage]:
     if not isinstance(source, (str, Path)) or _is_saved_dataset(Path(source)):
         where, records = _dataset_records(source)
         return _passages(records, where)
-    path = _require_file(source)
+    path = _require_file(source, dataset_ok=True)
     if path.suffix == ".jsonl":
         return _passages(_jsonl_records(path), str(path))
     text = _read_text(path)
@@ -435,7 +439,7 @@ def load_examples(source: str | Path | Dataset) -> list[Example]:
     if not isinstance(source, (str, Path)) or _is_saved_dataset(Path(source)):
         where, records = _dataset_records(source)
         return _examples(records, where)
-    path = _require_file(source)
+    path = _require_file(source, dataset_ok=True)
     if path.suffix != ".json":
         return _examples(_jsonl_records(path), str(path))
     examples, skipped = load_squad(path)

@@ -135,6 +135,9 @@ def test_bad_questions(tmp_path, lines, message):
 def test_missing_file_and_bad_squad(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         data.load_passages(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="a directory, not a file; give a file, or a directory "
+                       "written by datasets' save_to_disk"):
+        data.load_examples(tmp_path)
     bad = tmp_path / "s.json"
     bad.write_text('{"data": [', encoding="utf-8")
     with pytest.raises(DataError, match=r"s\.json:1: malformed JSON"):
