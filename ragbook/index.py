@@ -87,6 +87,14 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _index_directory(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such index directory; check the path, or build "
+                        "one with `ragbook index`")
+    return directory
+
+
 def _read_meta(directory: Path) -> dict:
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
@@ -312,8 +320,9 @@ class DenseIndex:
         """Hot-swap: the index to serve instead of this one, after checking that it lives in
         the same vector space (same dimension, metric, encoder, pooling, normalisation).
 
-        The paper swaps its 2016 Wikipedia index for the 2018 one without retraining (§4.5):
-        only the non-parametric memory changes, BERT_q and the generator stay. ``other`` is a
+        The paper swaps its main index (the December 2018 Wikipedia dump) for one built from
+        the December 2016 dump, without retraining (§4.5): only the non-parametric memory
+        changes, BERT_q and the generator stay. ``other`` is a
         DenseIndex or a saved index directory. ``self`` is left unchanged, so the caller can
         swap back: ``retriever.index = retriever.index.swap(new_index)``.
         """
@@ -390,14 +399,6 @@ class DenseIndex:
         if encoder is not None:
             loaded.check_encoder(encoder, where=f"the index at {directory}")
         return loaded
-
-
-def _index_directory(directory: str | Path) -> Path:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: no such index directory; check the path, or build "
-                        "one with `ragbook index`")
-    return directory
 
 
 # ---------------------------------------------------------------------- BM25 on disk
