@@ -22,20 +22,26 @@ every document (*Thorough* decoding) or takes a hypothesis missing from a docume
 have probability ≈ 0 there (*Fast* decoding, no extra forward passes). Both decoders run the
 encoder once per batch and the decoder with its key/value cache; greedy decoding is
 ``num_beams=1``. Beam scores are total log-probabilities (no length normalisation), so the
-score of an answer is exactly its log p(y|x) under Eq. 1 or Eq. 2; an answer that reaches
-``max_length`` simply stops (no end token is forced, unlike transformers' ``generate`` when the
-generator's config sets ``forced_eos_token_id``, as BART's does).
+score of an answer is exactly its log p(y|x) under Eq. 1 or Eq. 2. ``max_length`` counts the
+answer's tokens with its end token, as ``generator.encode_targets`` counts a training target's:
+an answer that reaches it ends there with the end token, scored by its own probability — so every
+answer is a target that training could have scored. (transformers' ``generate`` forces the end
+token too when the generator's config sets ``forced_eos_token_id``, as BART's does, but adds
+nothing for it to the beam score.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from .config import Preset
 from .generator import pad, shift_right
 
 # ---------------------------------------------------------------------------------------------
@@ -118,10 +124,10 @@ class Answer:
     """A decoded answer with its score and provenance.
 
     ``score`` is log p(y|x) under the decoder's model (Eq. 1 or Eq. 2; for Fast decoding, Fast's
-    estimate of Eq. 1). ``token_ids`` are y_1 … y_T (ending with the end token unless the answer
-    hit ``max_length``). ``doc_posterior`` (k,) says which of the k retrieved documents support
-    the answer: p(z | x, y) for RAG-Sequence; for RAG-Token, the per-token posteriors averaged
-    over the answer's tokens. ``token_posterior`` (k, T) is RAG-Token's p(z | x, y_i, y_<i) for
+    estimate of Eq. 1). ``token_ids`` are y_1 … y_T, the last one the end token.
+    ``doc_posterior`` (k,) says which of the k retrieved documents support the answer:
+    p(z | x, y) for RAG-Sequence; for RAG-Token, the per-token posteriors averaged over the
+    answer's tokens. ``token_posterior`` (k, T) is RAG-Token's p(z | x, y_i, y_<i) for
     every generated token (the paper's Figure 2); None for RAG-Sequence.
     """
 
@@ -169,6 +175,14 @@ def _score(model, encoder_hidden: Tensor, encoder_mask: Tensor, rows: Tensor,
     return logprobs.view(n, k, -1)
 
 
+def _cache_keyword(model) -> str:
+    """The keyword under which the generator takes and returns its key/value cache: ``cache``
+    in recent transformers, where ``past_key_values`` still works but is deprecated (a
+    FutureWarning); ``past_key_values`` before. Read off ``forward``'s signature, since a
+    forward with ``**kwargs`` would swallow the wrong one silently (and decode without cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior: Tensor,
                  num_beams: int, max_length: int) -> list[list[tuple[list[int], float]]]:
     """Beam search for G independent groups, each over log Σ_r p(r) p_θ(y_i | r, y_<i).
@@ -180,7 +194,7 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     Canonical beam search with total log-probabilities: each step expands the ``num_beams``
     live hypotheses, keeps the best 2·num_beams continuations, moves those ending with the end
     token (if among the best num_beams) to the finished pool, and continues with the best
-    num_beams others. At ``max_length`` every top continuation counts as finished. A group
+    num_beams others. The ``max_length``-th token can only be the end token. A group
     stops once its num_beams finished hypotheses all score at least its best live one (log
     probabilities only fall as a hypothesis grows), and leaves the batch. Returns, per group,
     up to num_beams ``(token_ids, log p)`` best first.
@@ -205,18 +219,22 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     scores = torch.full((n_groups, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # identical start beams: expand only the first
     finished: list[list[tuple[list[int], float]]] = [[] for _ in range(n_groups)]
-    past = None
+    keyword = _cache_keyword(model)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # self-, cross-attention
     for step in range(max_length):
         last = step == max_length - 1
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                    attention_mask=mask, past_key_values=past, use_cache=True,
+                    attention_mask=mask, use_cache=True, **{keyword: cache},
                     decoder_input_ids=tokens[:, :, -1].repeat_interleave(n_rows).view(-1, 1))
-        past = out.past_key_values
+        cache = getattr(out, keyword)
         logprobs = out.logits[:, -1].float().log_softmax(-1)
         logprobs = logprobs.view(len(active), beams, n_rows, -1) + weights[active]
         # (groups, beams, V): the marginal over the group's rows (one row is its own marginal)
         logprobs = torch.logsumexp(logprobs, dim=2) if n_rows > 1 else logprobs[:, :, 0]
         vocab = logprobs.shape[-1]
+        if last:  # the answer ends here, with the end token, as a cut training target does
+            logprobs = logprobs.masked_fill(
+                torch.arange(vocab, device=device) != cfg.eos_token_id, float("-inf"))
         cand, index = (scores.unsqueeze(-1) + logprobs).view(len(active), -1).topk(2 * beams)
 
         keep, going = [], []  # the best continuations that did not end, (beam, token, score)
@@ -225,11 +243,11 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
             kept = []
             for rank, (s, i) in enumerate(zip(c_scores, c_index)):
                 b, y = divmod(i, vocab)
-                if y == cfg.eos_token_id or last:
-                    if rank < beams:
-                        finished[g].append((tokens[a, b, 1:].tolist() + [y], s))
-                elif len(kept) < beams:
-                    kept.append((b, y, s))
+                if y != cfg.eos_token_id:
+                    if len(kept) < beams:
+                        kept.append((b, y, s))
+                elif rank < beams and s > float("-inf"):  # −inf: a beam that never lived
+                    finished[g].append((tokens[a, b, 1:].tolist() + [y], s))
             best = sorted((s for _, s in finished[g]), reverse=True)[:beams]
             if not last and (len(best) < beams or kept[0][2] > best[-1]):
                 keep.append(kept)
@@ -245,10 +263,10 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
         # Beams move within their group and keep their document: the self-attention cache
         # follows the surviving beams; the cross-attention cache and the encoder states only
         # lose the rows of groups that have finished.
-        past.self_attention_cache.reorder_cache(rows_of(going, keep_beam))
+        cache.self_attention_cache.reorder_cache(rows_of(going, keep_beam))
         if len(going) < len(active):
             still = rows_of(going, all_beams.expand(len(going), beams))
-            past.cross_attention_cache.reorder_cache(still)
+            cache.cross_attention_cache.reorder_cache(still)
             hidden, mask = hidden[still], mask[still]
         active = active[going]
     return [sorted(f, key=lambda h: -h[1])[:beams] for f in finished]
@@ -265,14 +283,17 @@ def _text(tokenizer, token_ids: list[int]) -> str:
 
 def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tensor,
                        doc_scores: Tensor, num_beams: int = 4,
-                       max_length: int = 24) -> list[Answer]:
+                       max_length: int = Preset.max_target_length) -> list[Answer]:
     """RAG-Token decoding: beam search over log Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i) (Eq. 2).
 
     ``input_ids``/``attention_mask`` (batch·k, S) hold each question's k generator inputs
     consecutively (as ``generator.encode_inputs`` gives them); ``doc_scores`` (batch, k).
-    ``num_beams=1`` is greedy decoding; answers have at most ``max_length`` tokens, the end
-    token included. Returns the best answer per question, with the per-token posterior
-    p(z | x, y_i, y_<i) over the k documents as provenance (see :class:`Answer`).
+    ``num_beams=1`` is greedy decoding; answers have at most ``max_length`` tokens and end with
+    the end token, exactly as ``generator.encode_targets(…, max_length)`` cuts a training target
+    (pass the same number: the preset's ``max_target_length``). Returns the best answer per
+    question, with the per-token posterior p(z | x, y_i, y_<i) over the k documents as
+    provenance (see :class:`Answer`). A document of ``doc_scores`` −inf (no passage in its
+    slot) has prior 0 and weighs nothing.
     """
     batch, k = doc_scores.shape
     with _eval_mode(model):
@@ -292,7 +313,8 @@ def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tens
 
 
 def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tensor,
-                          doc_scores: Tensor, num_beams: int = 4, max_length: int = 24,
+                          doc_scores: Tensor, num_beams: int = 4,
+                          max_length: int = Preset.max_target_length,
                           method: str = "thorough") -> list[Answer]:
     """RAG-Sequence decoding (Eq. 1): beam search per document, then marginalize.
 
@@ -304,7 +326,8 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
        p(y|x) ≈ Σ_{z : y ∈ beam(z)} p_η(z|x) p_θ(y | x, z) — a lower bound on Thorough's value.
     3. Return the y with the highest p(y|x), with p(z | x, y) over the k documents.
 
-    Arguments as in :func:`rag_token_generate`; ``num_beams=1`` is greedy per document.
+    Arguments as in :func:`rag_token_generate`; ``num_beams=1`` is greedy per document. A
+    document of ``doc_scores`` −inf (no passage in its slot) adds no candidates and no weight.
     """
     if method not in ("thorough", "fast"):
         raise ValueError(f"method must be 'thorough' or 'fast', not {method!r}")
@@ -315,9 +338,10 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
                                doc_scores.new_zeros(batch * k, 1), num_beams, max_length)
         # candidates[q]: distinct hypotheses of question q; beam_logprobs[q]: (|Y|, k)
         candidates, beam_logprobs = [], []
+        absent = torch.isneginf(doc_scores).tolist()  # slots with no passage: p_η(z|x) = 0
         for q in range(batch):
             found: dict[tuple[int, ...], Tensor] = {}
-            for z in range(k):
+            for z in (z for z in range(k) if not absent[q][z]):
                 for y, s in per_doc[q * k + z]:
                     found.setdefault(tuple(y), torch.full((k,), float("-inf")))[z] = s
             candidates.append([list(y) for y in found])

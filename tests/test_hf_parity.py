@@ -159,13 +159,25 @@ def answers_of(sequences: torch.Tensor) -> list[list[int]]:
     return out
 
 
+def rag_token_loglik(model, ids, mask, doc_scores, answers: list[list[int]]) -> torch.Tensor:
+    """log p(y|x) of each answer under transformers' own RAG-Token loss (Eq. 2)."""
+    _, _, hf_labels = targets(answers)
+    return -model(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,
+                  labels=hf_labels, reduce_loss=False).loss
+
+
 @pytest.mark.parametrize("num_beams", [1, 2, 4])
 def test_rag_token_decoding_matches_transformers_generate(num_beams):
     """Greedy (num_beams=1) and beam search over the marginal next-token distribution.
 
     transformers' ``max_length`` counts the decoder start token; its generate ignores
     ``max_new_tokens``. Its beam search is the canonical one (ragbook's: total log-probability,
-    no length normalisation) with ``length_penalty=0.0, early_stopping="never"``.
+    no length normalisation) with ``length_penalty=0.0, early_stopping="never"``. Both end an
+    answer that reaches ``max_length`` with the end token (``forced_eos_token_id``), but
+    transformers' beam score counts that forced token as log 1, so among such answers it may
+    keep one that Eq. 2 finds less likely. Hence: the same answers wherever transformers'
+    ended by itself (and always for greedy decoding), and ragbook's never less likely under
+    transformers' own RAG-Token loss, which is exactly ragbook's score.
     """
     model = build(RagTokenForGeneration, seed=3)
     model.generator.final_logits_bias[0, EOS] = 1.0  # answers of varied length
@@ -174,16 +186,26 @@ def test_rag_token_decoding_matches_transformers_generate(num_beams):
     max_length = 8
     flags = {} if num_beams == 1 else {"length_penalty": 0.0, "early_stopping": "never"}
     theirs = model.generate(context_input_ids=ids, context_attention_mask=mask,
-                            doc_scores=doc_scores, num_beams=num_beams,
+                            doc_scores=doc_scores, num_beams=num_beams, forced_eos_token_id=EOS,
                             max_length=max_length + 1, return_dict_in_generate=True,
                             output_scores=True, **flags)
     ours = rag.rag_token_generate(model.generator, IdsTokenizer(), ids, mask, doc_scores,
                                   num_beams=num_beams, max_length=max_length)
-    assert [a.token_ids for a in ours] == answers_of(theirs.sequences)
-    assert len({len(a.token_ids) for a in ours}) > 1  # some stopped early, some did not
-    if num_beams > 1:
-        torch.testing.assert_close(torch.tensor([a.score for a in ours]),
-                                   theirs.sequences_scores, rtol=1e-5, atol=1e-5)
+    mine, their_answers = [a.token_ids for a in ours], answers_of(theirs.sequences)
+    assert {len(y) == max_length for y in mine} == {True, False}  # some ended early, some not
+    assert all(y[-1] == EOS for y in mine + their_answers)
+    ended = [len(y) < max_length for y in their_answers]  # by itself, not forced
+    assert [y for y, e in zip(mine, ended) if e] == [y for y, e in zip(their_answers, ended) if e]
+    if num_beams == 1:
+        assert mine == their_answers
+    else:
+        torch.testing.assert_close(torch.tensor([a.score for a, e in zip(ours, ended) if e]),
+                                   theirs.sequences_scores[ended], rtol=1e-5, atol=1e-5)
+    ours_loglik = rag_token_loglik(model, ids, mask, doc_scores, mine)
+    torch.testing.assert_close(torch.tensor([a.score for a in ours]), ours_loglik,
+                               rtol=1e-5, atol=1e-5)
+    assert (ours_loglik >= rag_token_loglik(model, ids, mask, doc_scores, their_answers)
+            - 1e-5).all()
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
@@ -194,20 +216,24 @@ def test_thorough_decoding_matches_transformers_rag_sequence_generate(num_beams)
     here are unpadded and of equal length. It scores the candidates with its own RAG-Sequence
     loss, whose prior sits at target position 1, and drops the first token's score when every
     candidate starts with BOS: no BOS and no early end (both biased away) keep every candidate
-    ``max_length`` tokens long, where its loss is Eq. 1.
+    ``max_length`` tokens long, the last one the end token that both force there, where its
+    loss is Eq. 1. (Every beam reaches ``max_length``, so the forced end token, which
+    transformers' beam score counts as log 1, changes no beam's candidates.)
     """
     model = build(RagSequenceForGeneration, seed=4)
-    model.generator.final_logits_bias[0, [BOS, EOS]] = -1e4
+    model.generator.final_logits_bias[0, BOS] = -1e4
+    model.generator.final_logits_bias[0, EOS] = -8.0  # never chosen, yet forced at the end
     ids, mask = contexts(3, padded=False, seed=6)
     doc_scores = torch.randn(3, K, generator=torch.Generator().manual_seed(7))
     max_length = 5
     flags = {} if num_beams == 1 else {"length_penalty": 0.0, "early_stopping": "never"}
     theirs = model.generate(context_input_ids=ids, context_attention_mask=mask,
-                            doc_scores=doc_scores, num_beams=num_beams,
+                            doc_scores=doc_scores, num_beams=num_beams, forced_eos_token_id=EOS,
                             max_length=max_length + 1, **flags)
     ours = rag.rag_sequence_generate(model.generator, IdsTokenizer(), ids, mask, doc_scores,
                                      num_beams=num_beams, max_length=max_length)
     assert [a.token_ids for a in ours] == answers_of(theirs)
+    assert all(len(a.token_ids) == max_length and a.token_ids[-1] == EOS for a in ours)
     # and its score is Eq. 1 as transformers computes it (both at their best hypothesis)
     labels, target_mask, hf_labels = targets([a.token_ids for a in ours])
     hf_loss = model(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,

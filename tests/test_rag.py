@@ -1,7 +1,9 @@
 """Eq. 1 and Eq. 2, the document posterior and both decoders, on hand-made numbers."""
 
+import copy
 import itertools
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -151,16 +153,16 @@ class FirstTokenGenerator(torch.nn.Module):
         return lambda input_ids, attention_mask: SimpleNamespace(
             last_hidden_state=input_ids[:, :, None].float())
 
-    def forward(self, encoder_outputs, attention_mask, decoder_input_ids, past_key_values=None,
+    def forward(self, encoder_outputs, attention_mask, decoder_input_ids, cache=None,
                 use_cache=False):
         doc = encoder_outputs.last_hidden_state[:, 0, 0].long()
-        start = past_key_values.length if past_key_values is not None else 0
+        start = getattr(cache, "length", 0)  # the decoders start with an empty cache
         n, t = decoder_input_ids.shape
         position = torch.arange(start, start + t)[None, :, None]
         logits = torch.where(position == 0, self.first[doc][:, None], self.end)
         cache = SimpleNamespace(length=start + t,
                                 self_attention_cache=SimpleNamespace(reorder_cache=lambda i: None))
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def docs(n):
@@ -291,14 +293,97 @@ def test_one_document_is_plain_beam_search_and_the_mode_is_restored(bart):
         flags = {} if beams == 1 else {"length_penalty": 0.0, "early_stopping": "never"}
         bart.eval()
         rows = bart.generate(input_ids=ids, attention_mask=mask, num_beams=beams,
-                             max_new_tokens=6, do_sample=False, **flags).tolist()
-        theirs = [y[: y.index(EOS) + 1] if EOS in y else y for y in (r[1:] for r in rows)]
+                             max_new_tokens=6, do_sample=False, forced_eos_token_id=EOS,
+                             **flags).tolist()
+        theirs = [y[: y.index(EOS) + 1] for y in (r[1:] for r in rows)]
         bart.train()
         token = rag.rag_token_generate(bart, IdsTokenizer(), ids, mask, scores, num_beams=beams,
                                        max_length=6)
         sequence = rag.rag_sequence_generate(bart, IdsTokenizer(), ids, mask, scores,
                                              num_beams=beams, max_length=6)
         assert bart.training
-        assert [a.token_ids for a in token] == [a.token_ids for a in sequence] == theirs
+        ours = [a.token_ids for a in token]
+        assert ours == [a.token_ids for a in sequence]
+        # generate's beam score counts the end token it forces at max_length as log 1, so
+        # among answers cut there it may keep another; answers that ended by themselves agree
+        assert [y for y, t in zip(ours, theirs) if len(t) < 6 or beams == 1] == [
+            t for t in theirs if len(t) < 6 or beams == 1]
         for t, s in zip(token, sequence):
             assert t.score == pytest.approx(s.score, abs=1e-5)
+
+
+def no_end_token(model):
+    """A copy of ``model`` that never chooses to end an answer."""
+    model = copy.deepcopy(model)
+    model.final_logits_bias[0, EOS] = -30.0
+    return model
+
+
+@pytest.mark.parametrize("max_length", [1, 5])
+def test_an_answer_at_max_length_ends_with_the_end_token(bart, max_length):
+    """``max_length`` counts the end token, as ``generator.encode_targets`` counts a training
+    target's: an answer cut there is y_1 … y_{max_length−1} </s>, the longest target training
+    makes, and its score includes log p(</s>)."""
+    model = no_end_token(bart)
+    ids, mask, scores = bart_inputs(2, 3)
+    for beams in (1, 3):
+        token = rag.rag_token_generate(model, IdsTokenizer(), ids, mask, scores,
+                                       num_beams=beams, max_length=max_length)
+        answers = token + [a for method in ("thorough", "fast") for a in rag.rag_sequence_generate(
+            model, IdsTokenizer(), ids, mask, scores, num_beams=beams, max_length=max_length,
+            method=method)]
+        assert all(len(a.token_ids) == max_length and a.token_ids[-1] == EOS for a in answers)
+        assert all(a.score < -25.0 for a in answers)  # the forced </s> is paid for
+
+
+def test_a_document_of_score_minus_infinity_weighs_nothing(bart):
+    """A slot with no passage (an approximate index found fewer than k) has doc score −inf:
+    both decoders then answer as if it were not there, and give it posterior 0."""
+    ids, mask, scores = bart_inputs(1, 3, seed=1)
+    missing = scores.clone()
+    missing[0, 2] = -torch.inf
+    decoders = [(rag.rag_token_generate, {}), (rag.rag_sequence_generate, {"method": "thorough"}),
+                (rag.rag_sequence_generate, {"method": "fast"})]
+    for decode, kw in decoders:
+        with_slot, = decode(bart, IdsTokenizer(), ids, mask, missing, num_beams=2, max_length=6,
+                            **kw)
+        without, = decode(bart, IdsTokenizer(), ids[:2], mask[:2], scores[:, :2], num_beams=2,
+                          max_length=6, **kw)
+        assert with_slot.token_ids == without.token_ids
+        assert with_slot.score == pytest.approx(without.score, abs=1e-5)
+        assert with_slot.doc_posterior[2] == 0
+        torch.testing.assert_close(with_slot.doc_posterior[:2], without.doc_posterior)
+
+
+def test_decoding_raises_no_deprecation_warning(bart):
+    """The decoders hand transformers a Cache object under the keyword its forward takes:
+    no FutureWarning (``past_key_values`` is deprecated in transformers 5) nor
+    DeprecationWarning."""
+    ids, mask, scores = bart_inputs(2, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rag.rag_token_generate(bart, IdsTokenizer(), ids, mask, scores, num_beams=2,
+                               max_length=4)
+        for method in ("thorough", "fast"):
+            rag.rag_sequence_generate(bart, IdsTokenizer(), ids, mask, scores, num_beams=2,
+                                      max_length=4, method=method)
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
+class OldCacheKeyword(FirstTokenGenerator):
+    """The same generator under the cache keyword of transformers before 5: ``past_key_values``
+    (had the decoders passed ``cache``, this forward would have refused it)."""
+
+    def forward(self, encoder_outputs, attention_mask, decoder_input_ids, past_key_values=None,
+                use_cache=False):
+        out = super().forward(encoder_outputs, attention_mask, decoder_input_ids,
+                              past_key_values, use_cache)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+def test_the_cache_keyword_is_the_one_the_generator_takes():
+    ids, mask = docs(2)
+    for decode in (rag.rag_token_generate, rag.rag_sequence_generate):
+        new, old = (decode(model, IdsTokenizer(), ids, mask, EQUAL, num_beams=2)[0]
+                    for model in (FirstTokenGenerator(TABLE), OldCacheKeyword(TABLE)))
+        assert new.token_ids == old.token_ids and new.score == pytest.approx(old.score)
