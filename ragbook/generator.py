@@ -17,7 +17,9 @@ answers by beam search from parametric memory alone.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .config import Preset
 from .data import Example, Passage
 
 SHIPPED = Path(__file__).parent / "weights" / "tiny-bart"
@@ -91,6 +94,21 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, d_model: int = 256, layers: 
     )
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load checkpoints without transformers' progress bars ("Loading weights", and the hub's
+    download bars with them), then give the user back the setting they had."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)``: ``"tiny"`` is the shipped BART, else a path or hub id."""
     from transformers import AutoTokenizer
@@ -99,8 +117,9 @@ def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
     if name == "tiny" and not (SHIPPED / "config.json").exists():
         raise FileNotFoundError(
             f"{SHIPPED} holds no generator; rebuild it with `ragbook pretrain --out {SHIPPED}`")
-    tokenizer = _fix_decoding(AutoTokenizer.from_pretrained(path))
-    model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    with quiet_loading():
+        tokenizer = _fix_decoding(AutoTokenizer.from_pretrained(path))
+        model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return model.to(device), tokenizer
 
 
@@ -158,7 +177,9 @@ def encode_inputs(tokenizer: PreTrainedTokenizerBase, passages: list[Passage | N
 
 def encode_targets(tokenizer: PreTrainedTokenizerBase, targets: list[str],
                    max_length: int) -> dict[str, Tensor]:
-    """Tokenize targets y as ``y_1 … y_T </s>``; returns ``labels`` and ``target_mask``."""
+    """Tokenize targets y as ``y_1 … y_T </s>``, cut to at most ``max_length`` tokens with the
+    end token (the preset's ``max_target_length``; the decoders count an answer the same way);
+    returns ``labels`` and ``target_mask``."""
     ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     rows = [t[: max_length - 1] + [tokenizer.eos_token_id] for t in ids]
     batch = pad(rows, tokenizer.pad_token_id)
@@ -214,7 +235,8 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
 def finetune_closed_book(model: BartForConditionalGeneration,
                          tokenizer: PreTrainedTokenizerBase, examples: list[Example],
                          steps: int, batch_size: int = 32, lr: float = 3e-4,
-                         max_source_length: int = 48, max_target_length: int = 24,
+                         max_source_length: int = 48,
+                         max_target_length: int = Preset.max_target_length,
                          seed: int = 0, progress: bool = True) -> list[float]:
     """Fine-tune the generator on (x, y) pairs with no retrieval: the paper's BART baseline.
 
@@ -262,14 +284,17 @@ def finetune_closed_book(model: BartForConditionalGeneration,
 @torch.no_grad()
 def generate_answers(model: BartForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
                      questions: list[str], passages: list[Passage | None] | None = None,
-                     num_beams: int = 4, max_length: int = 24, *, max_source_length: int = 48,
-                     batch_size: int = 32) -> list[str]:
+                     num_beams: int = 4, max_length: int = Preset.max_target_length, *,
+                     max_source_length: int = 48, batch_size: int = 32) -> list[str]:
     """Answer each question by plain seq2seq beam search, in batches.
 
     Closed-book when ``passages`` is None (the question alone); otherwise one passage (or None)
     per question, fed as ``"title / text // question"`` — e.g. the gold passage, to see the
-    generator as a reader. ``max_length`` bounds the answer's new tokens. No marginalization
-    over documents: that is ``rag.py``'s job.
+    generator as a reader. An answer has at most ``max_length`` tokens and ends with the end
+    token, as :func:`encode_targets` cuts a training target and as ``rag.py``'s decoders
+    decode; nothing is forced at its start (the targets have no ``<s>``, though a
+    ``facebook/bart-large`` config asks generate to force one). No marginalization over
+    documents: that is ``rag.py``'s job.
     """
     passages = [None] * len(questions) if passages is None else list(passages)
     if len(passages) != len(questions):
@@ -283,7 +308,9 @@ def generate_answers(model: BartForConditionalGeneration, tokenizer: PreTrainedT
                             max_source_length)
         out = model.generate(input_ids=enc["input_ids"].to(device),
                              attention_mask=enc["attention_mask"].to(device),
-                             num_beams=num_beams, max_new_tokens=max_length, do_sample=False)
+                             num_beams=num_beams, max_new_tokens=max_length, do_sample=False,
+                             forced_bos_token_id=None,
+                             forced_eos_token_id=model.config.eos_token_id)
         answers += [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
     model.train(was_training)
     return answers

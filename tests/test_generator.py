@@ -1,14 +1,17 @@
 """The generator p_θ: tokenizer, input/target encoding, batched log-probs, closed-book training,
 BART's noising functions, resumable pre-training and the shipped tiny BART."""
 
+import copy
 import json
 import math
 import random
+import warnings
 from collections import Counter
 
 import pytest
 import torch
 from transformers import BartForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from ragbook import cli, generator, train
 from ragbook.config import bf16_supported
@@ -165,6 +168,51 @@ def test_closed_book_fine_tuning_memorises_and_is_deterministic(tok):
     assert run(5)[1] == history[:5]  # same seed, same batches and dropout
     with pytest.raises(ValueError, match="passages for"):
         generator.generate_answers(model, tok, ["q"], passages=[None, None])
+
+
+def test_closed_book_answers_are_cut_as_training_targets_are(tok, tiny_bart):
+    """``max_length`` tokens with the end token, the last one the end token and nothing forced
+    first: what ``encode_targets(…, max_length)`` makes of the longest target, whatever the
+    checkpoint's generation config says (here: no forced end, bart-large's forced ``<s>``)."""
+    model = copy.deepcopy(tiny_bart)
+    model.final_logits_bias[0, tok.eos_token_id] = -30.0  # never chosen: answers run to the end
+    model.generation_config.forced_eos_token_id = None
+    model.generation_config.forced_bos_token_id = tok.bos_token_id
+    outputs, generate = [], model.generate
+    model.generate = lambda **kw: outputs.append(generate(**kw)) or outputs[-1]
+    longest = encode_targets(tok, ["word " * 50], 6)["labels"][0].tolist()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator.generate_answers(model, tok, ["where?", "who?"], num_beams=2, max_length=6)
+    for row in outputs[0].tolist():  # [decoder start, y_1 … y_T]
+        answer = row[1:]
+        assert len(answer) == len(longest) == 6 and answer[-1] == longest[-1] == tok.eos_token_id
+        assert tok.bos_token_id not in answer
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
+@pytest.fixture
+def progress_bars():
+    """transformers' progress bars on, as a user has them by default; then as they were."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+
+
+def test_load_generator_shows_no_loading_bar_and_leaves_the_setting_alone(
+        tok, tiny_bart, tmp_path, capfd, progress_bars):
+    tiny_bart.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    BartForConditionalGeneration.from_pretrained(tmp_path)
+    assert "Loading weights" in capfd.readouterr().err  # what the user would see otherwise
+    for shown in (True, False):
+        (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+        model, _ = generator.load_generator(str(tmp_path))
+        out = capfd.readouterr()
+        assert "Loading weights" not in out.err + out.out
+        assert hf_logging.is_progress_bar_enabled() == shown
+    torch.testing.assert_close(model.lm_head.weight, tiny_bart.lm_head.weight)
 
 
 # ----------------------------------------------------------------- BART's noise
