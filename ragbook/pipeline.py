@@ -76,7 +76,12 @@ class Prediction:
 
 @dataclass
 class Retrieved:
-    """The top-k passages of each question and their retrieval logits (batch, k)."""
+    """The top-k passages of each question and their retrieval logits (batch, k), best first.
+
+    An approximate index (HNSW, IVF-PQ) may find fewer than k passages for a question: its
+    row of ``passages`` is then shorter and the missing slots, last, have ``doc_scores`` −inf,
+    so p_η(z|x) = 0 there and they add nothing to Eq. 1 or Eq. 2.
+    """
 
     passages: list[list[Passage]]
     doc_scores: Tensor
@@ -96,6 +101,10 @@ class RagModel(torch.nn.Module):
         self.tokenizer = tokenizer
         self.index = index
         self.bm25 = bm25
+        if bm25 is not None and index is not None and (
+                [p.id for p in bm25.passages] != [p.id for p in index.passages]):
+            raise ValueError("the BM25 passages are not the index's passages in the same order; "
+                             "build the hybrid prior's half as BM25Retriever(index.passages)")
         self.history: list = []  # (step, loss) of the joint training behind it (trained_rag)
         # the mode of the parts it wraps: a wrapper made for evaluation must not switch them to
         # training (dropout) when `answer` restores its own mode
@@ -156,13 +165,19 @@ class RagModel(torch.nn.Module):
             q = self.query_encoder(list(questions)).to(self.device)
         if self.bm25 is None:
             found = self.index.search(q.detach().float().cpu().numpy(), k)
-            return Retrieved(found.passages, self._dense_scores(q, found.indices))
+            if (found.indices < 0).all(axis=1).any():
+                raise ValueError("the index found no passage for a question; widen its search "
+                                 "(index.set_search_params: nprobe for IVF, efSearch for HNSW)")
+            width = max(len(row) for row in found.passages)  # no question filled the rest
+            return Retrieved(found.passages, self._dense_scores(q, found.indices[:, :width]))
         return self._hybrid(questions, q, k)
 
     def _dense_scores(self, q: Tensor, indices: np.ndarray) -> Tensor:
-        """scale · d(z)ᵀq(x) for the passages ``indices`` (batch, n) of each question."""
-        d = self.doc_vectors[torch.as_tensor(indices)].to(self.device)  # (batch, n, dim)
-        return self.preset.score_scale * torch.einsum("bd,bkd->bk", q.float(), d)
+        """scale · d(z)ᵀq(x) for the passages ``indices`` (batch, n) of each question; −inf
+        where the index is −1 (an approximate index's padding: nothing found)."""
+        d = self.doc_vectors[torch.as_tensor(np.maximum(indices, 0))].to(self.device)
+        scores = self.preset.score_scale * torch.einsum("bd,bkd->bk", q.float(), d)
+        return scores.masked_fill(torch.as_tensor(indices < 0, device=self.device), -torch.inf)
 
     def _hybrid(self, questions: Sequence[str], q: Tensor, k: int) -> Retrieved:
         """Top-k under the product of the dense and BM25 experts (the module docstring)."""
@@ -175,10 +190,9 @@ class RagModel(torch.nn.Module):
         repeated = np.ones(candidates.shape, dtype=bool)  # a passage both experts found
         for row, ids in zip(repeated, candidates):
             row[np.unique(ids, return_index=True)[1]] = False
-        repeated |= candidates < 0  # an approximate index's padding
-        candidates = np.where(candidates < 0, 0, candidates)
+        # −inf where the index found nothing (−1); the sparse expert's `depth` are all real
         scores = self._dense_scores(q, candidates) + self.bm25_weight * torch.as_tensor(
-            np.take_along_axis(bm25, candidates, axis=1), device=self.device)
+            np.take_along_axis(bm25, np.maximum(candidates, 0), axis=1), device=self.device)
         scores = scores.masked_fill(torch.as_tensor(repeated, device=self.device), -torch.inf)
         top = scores.detach().topk(k, dim=1).indices
         chosen = np.take_along_axis(candidates, top.cpu().numpy(), axis=1)
@@ -187,9 +201,14 @@ class RagModel(torch.nn.Module):
 
     def generator_inputs(self, questions: Sequence[str],
                          passages: Sequence[Sequence[Passage]]) -> dict[str, Tensor]:
-        """The (batch·k, S) inputs "title / text // question", k consecutive per question."""
-        flat = [p for row in passages for p in row]
-        repeated = [q for q, row in zip(questions, passages) for _ in row]
+        """The (batch·k, S) inputs "title / text // question", k consecutive per question.
+
+        k is the longest row; a shorter row (an approximate index found fewer passages) fills
+        its missing slots with the question alone, whose p_η(z|x) is 0 (:class:`Retrieved`).
+        """
+        k = max(len(row) for row in passages)
+        flat = [p for row in passages for p in [*row, *[None] * (k - len(row))]]
+        repeated = [q for q in questions for _ in range(k)]
         batch = encode_inputs(self.tokenizer, flat, repeated, self.preset.max_source_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -229,7 +248,7 @@ class RagModel(torch.nn.Module):
             qs = list(questions[start:start + batch_size])
             found = self.retrieve(qs, n_docs)
             inputs = self.generator_inputs(qs, found.passages)
-            max_length = self.preset.max_target_length + 1
+            max_length = self.preset.max_target_length  # as `loss` cuts a target
             if marginalization == "token":
                 results = rag.rag_token_generate(
                     self.generator, self.tokenizer, inputs["input_ids"],

@@ -7,12 +7,15 @@ weights. The CUDA variants skip without a GPU.
 """
 
 import copy
+import dataclasses
 import math
 import os
 import signal
 import sys
 from types import SimpleNamespace
 
+import faiss
+import numpy as np
 import pytest
 import torch
 from transformers import BartForConditionalGeneration, BertConfig, BertModel, BertTokenizer
@@ -369,7 +372,125 @@ def test_hybrid_training_updates_both_halves_of_the_model(toy):
     assert not _same(_snapshot(model.generator), _snapshot(toy.generator))
 
 
+def test_the_hybrid_prior_needs_bm25_over_the_index_passages_in_order(toy):
+    """``_hybrid`` reads BM25's row j as the index's passage j: any other corpus is refused."""
+    model = _model(toy)
+    assert model.with_bm25(BM25Retriever(list(CORPUS))).bm25 is not None  # same ids, same order
+    for other in (CORPUS[::-1], CORPUS[:-1], [dataclasses.replace(CORPUS[0], id="x"),
+                                                *CORPUS[1:]]):
+        with pytest.raises(ValueError, match="not the index's passages in the same order"):
+            model.with_bm25(BM25Retriever(other))
+        with pytest.raises(ValueError, match="not the index's passages in the same order"):
+            RagModel(toy.preset, toy.encoder, toy.generator, toy.tokenizer, toy.index,
+                     toy.vectors, bm25=BM25Retriever(other))
+
+
+# --------------------------------------------------------------------------- an approximate index
+
+
+class _FindsFewer:
+    """The toy index, except that question 0 of every search finds one passage fewer: its last
+    slot comes back as an approximate FAISS index pads it, id −1 and score −inf."""
+
+    def __init__(self, index):
+        self.index, self.passages = index, index.passages
+
+    def search(self, query_vectors, k):
+        found = self.index.search(query_vectors, k)
+        indices, scores = found.indices.copy(), found.scores.copy()
+        indices[0, -1], scores[0, -1] = -1, -np.inf
+        return dataclasses.replace(found, indices=indices, scores=scores,
+                                   ids=[found.ids[0][:-1], *found.ids[1:]],
+                                   passages=[found.passages[0][:-1], *found.passages[1:]])
+
+
+def test_a_passage_the_index_did_not_find_weighs_nothing(toy):
+    """Its slot gets doc score −inf (p_η(z|x) = 0) and no passage: the loss, its gradient and
+    both decoders are those of the passages that were found."""
+    model = _model(toy).eval()
+    fewer = RagModel(toy.preset, model.query_encoder, model.generator, toy.tokenizer,
+                     _FindsFewer(toy.index), toy.vectors)
+    batch = EXAMPLES[:3]
+    questions = [e.question for e in batch]
+    found = fewer.retrieve(questions, K)
+    assert [len(row) for row in found.passages] == [K - 1, K, K]
+    assert found.doc_scores[0, -1] == -torch.inf
+    assert torch.isfinite(found.doc_scores[0, :-1]).all()
+    assert torch.isfinite(found.doc_scores[1:]).all()
+    for marginalization in ("token", "sequence"):
+        loss = fewer.loss(batch, marginalization, K)
+        torch.testing.assert_close(loss[:1], model.loss(batch[:1], marginalization, K - 1))
+        torch.testing.assert_close(loss[1:], model.loss(batch[1:], marginalization, K))
+        loss.sum().backward()
+        grads = [p.grad for p in fewer.query_encoder.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    for marginalization, decoding in (("token", "thorough"), ("sequence", "thorough"),
+                                      ("sequence", "fast")):
+        got = fewer.answer(questions[:1], marginalization=marginalization, n_docs=K,
+                           num_beams=2, decoding=decoding)[0]
+        alone = model.answer(questions[:1], marginalization=marginalization, n_docs=K - 1,
+                             num_beams=2, decoding=decoding)[0]
+        assert got.prediction == alone.prediction
+        assert [x["id"] for x in got.provenance] == [x["id"] for x in alone.provenance]
+        assert [x["posterior"] for x in got.provenance] == pytest.approx(
+            [x["posterior"] for x in alone.provenance], abs=1e-5)
+    with pytest.raises(ValueError, match="found no passage for a question"):
+        fewer.retrieve(questions, 1)
+
+
+def test_an_ivf_index_searching_one_cell_finds_fewer_than_k(toy):
+    """A real approximate index: IVF with 5 cells over the 20 toy passages, searching the
+    question's nearest cell only (nprobe = 1), returns −1 for what that cell lacks."""
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(toy.vectors.shape[1]), toy.vectors.shape[1], 5,
+                             faiss.METRIC_INNER_PRODUCT)
+    ivf.train(toy.vectors)
+    ivf.add(toy.vectors)
+    ivf.nprobe = 1
+    model = RagModel(toy.preset, copy.deepcopy(toy.encoder), toy.generator, toy.tokenizer,
+                     DenseIndex(ivf, CORPUS, dict(toy.index.metadata)), toy.vectors).eval()
+    n_docs, questions = 6, [e.question for e in EXAMPLES]
+    found = model.retrieve(questions, n_docs)
+    lengths = [len(row) for row in found.passages]
+    assert min(lengths) < n_docs  # the precondition: some slots are missing
+    assert found.doc_scores.shape == (len(EXAMPLES), max(lengths))
+    for row, scores in zip(found.passages, found.doc_scores):
+        assert torch.isfinite(scores[:len(row)]).all() and (scores[len(row):] == -torch.inf).all()
+    loss = model.loss(EXAMPLES, "sequence", n_docs)
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.query_encoder.parameters()
+               if p.grad is not None)
+    for p, row in zip(model.answer(questions, n_docs=n_docs), found.passages):
+        assert [x["id"] for x in p.provenance] == [z.id for z in row]
+        assert sum(x["posterior"] for x in p.provenance) == pytest.approx(1)
+
+
 # --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("marginalization", ["token", "sequence"])
+def test_an_answer_is_never_longer_than_a_training_target(toy, marginalization, monkeypatch):
+    """The decoders get the length ``loss`` cuts targets to (``max_target_length``, the end
+    token included): with the end token out of reach every answer runs to that limit, and
+    ends with the end token there, as the longest training target does."""
+    model = _model(toy).eval()
+    with torch.no_grad():
+        model.generator.final_logits_bias[0, toy.tokenizer.eos_token_id] = -30.0
+    decoder = {"token": "rag_token_generate", "sequence": "rag_sequence_generate"}[marginalization]
+    answers, decode = [], getattr(rag, decoder)
+
+    def spy(*args, **kwargs):
+        out = decode(*args, **kwargs)
+        answers.extend(out)
+        return out
+
+    monkeypatch.setattr(rag, decoder, spy)
+    predictions = model.answer([e.question for e in EXAMPLES[:2]],
+                               marginalization=marginalization, n_docs=K, num_beams=2)
+    longest = encode_targets(toy.tokenizer, ["Alpha " * 50], toy.preset.max_target_length)
+    for a, p in zip(answers, predictions):
+        assert len(a.token_ids) == longest["labels"].shape[1] == toy.preset.max_target_length
+        assert a.token_ids[-1] == toy.tokenizer.eos_token_id and a.text == p.prediction
 
 
 @pytest.mark.parametrize("marginalization", ["token", "sequence"])
