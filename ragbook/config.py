@@ -8,7 +8,9 @@ the package. ``paper`` names the checkpoints of Lewis et al. (2020) on the Huggi
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -115,3 +117,18 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("ragbook"))
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load checkpoints without transformers' progress bars ("Loading weights", and the hub's
+    download bars with them), then give the user back the setting they had."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

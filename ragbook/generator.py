@@ -17,9 +17,7 @@ answers by beam search from parametric memory alone.
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import Preset
+from .config import Preset, quiet_loading
 from .data import Example, Passage
 
 SHIPPED = Path(__file__).parent / "weights" / "tiny-bart"
@@ -92,21 +90,6 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, d_model: int = 256, layers: 
         forced_bos_token_id=None, forced_eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Load checkpoints without transformers' progress bars ("Loading weights", and the hub's
-    download bars with them), then give the user back the setting they had."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):

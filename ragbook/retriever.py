@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .artifacts import cached
-from .config import Preset, autocast, bf16_supported, resolve_model
+from .config import Preset, autocast, bf16_supported, quiet_loading, resolve_model
 from .data import Example, Passage, SearchResult, corpus_fingerprint, load_corpus, load_task
 
 LINEAGE_FILE = "ragbook_encoder.json"
@@ -72,18 +72,20 @@ class Encoder(torch.nn.Module):
         lineage = Path(path) / LINEAGE_FILE  # written by save_pretrained after fine-tuning
         self.trained_from: list[str] = (json.loads(lineage.read_text())["trained_from"]
                                         if lineage.is_file() else [])
-        config = AutoConfig.from_pretrained(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.is_dpr = config.model_type == "dpr"
-        if self.is_dpr:
-            from transformers import DPRContextEncoder, DPRQuestionEncoder
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.is_dpr = config.model_type == "dpr"
+            if self.is_dpr:
+                from transformers import DPRContextEncoder, DPRQuestionEncoder
 
-            is_ctx = any("Context" in a for a in (config.architectures or []))
-            self.model = (DPRContextEncoder if is_ctx else DPRQuestionEncoder).from_pretrained(path)
-            self.dim = config.projection_dim or config.hidden_size
-        else:
-            self.model = AutoModel.from_pretrained(path)
-            self.dim = config.hidden_size
+                is_ctx = any("Context" in a for a in (config.architectures or []))
+                dpr = DPRContextEncoder if is_ctx else DPRQuestionEncoder
+                self.model = dpr.from_pretrained(path)
+                self.dim = config.projection_dim or config.hidden_size
+            else:
+                self.model = AutoModel.from_pretrained(path)
+                self.dim = config.hidden_size
         self.eval()  # dropout off until a training loop says otherwise
 
     @property

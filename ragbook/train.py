@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_directory, atomic_torch_save, atomic_write_bytes
-from .config import autocast, bf16_supported
+from .config import autocast, bf16_supported, quiet_loading
 from .data import article_split, load_corpus
 from .generator import pad, shift_right, tiny_config, train_tokenizer
 
@@ -447,9 +447,10 @@ def trained_rag(preset, task: str = "entity-qa", cfg: RagTrainConfig | None = No
         atomic_write_bytes(out / "history.json", json.dumps(state).encode())
 
     path = cached("rag-model", params, build)
-    generator = BartForConditionalGeneration.from_pretrained(path / "generator",
-                                                             dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path / "generator")
+    with quiet_loading():
+        generator = BartForConditionalGeneration.from_pretrained(path / "generator",
+                                                                 dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path / "generator")
     query_encoder = Encoder(str(path / "query_encoder"), pooling=preset.pooling,
                             normalize=preset.normalize, max_length=preset.max_query_length)
     model = RagModel.from_preset(preset, retriever=retriever, query_encoder=query_encoder,
@@ -482,5 +483,6 @@ def trained_closed_book(preset, task: str = "entity-qa", steps: int = 500,
         atomic_write_bytes(out / "history.json", json.dumps(history).encode())
 
     path = cached("closed-book", params, build)
-    model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    with quiet_loading():
+        model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
