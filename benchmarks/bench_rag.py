@@ -152,9 +152,10 @@ def bench_decoding(generator, tokenizer, hf_models, ids, mask, scores, num_beams
     tok = tokenizer or IdsTokenizer()
     k, n = scores.shape[1], scores.shape[0]
     eos = generator.config.eos_token_id
-    # transformers' canonical beam search, counting the start token, forcing no end token
+    # transformers' canonical beam search, counting the start token; like ragbook's decoders,
+    # an answer that reaches the length limit ends with the end token there
     flags = {"num_beams": num_beams, "max_length": max_length + 1, "length_penalty": 0.0,
-             "early_stopping": "never", "forced_eos_token_id": None}
+             "early_stopping": "never", "forced_eos_token_id": eos}
     kw = {"num_beams": num_beams, "max_length": max_length}
 
     def ours(fn, **extra):
