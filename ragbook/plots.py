@@ -39,7 +39,7 @@ STYLE = {
     "image.cmap": "Blues",
 }
 # the ticks of a log-scaled k axis: round numbers a reader can read off
-LOG_TICKS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000)
+LOG_TICKS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))  # 1, 2, 5, 10, … 5,000,000
 
 
 @contextmanager
