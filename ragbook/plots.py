@@ -9,6 +9,7 @@ that its figures look like the package's.
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ import numpy as np
 from cycler import cycler
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import NullFormatter, NullLocator
 
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
@@ -77,6 +79,14 @@ def log_axis(ax: Axes, values: Sequence[float], axis: str = "x") -> None:
     (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks, [f"{t:,g}" for t in ticks])
 
 
+def set_title(ax: Axes, title: str) -> None:
+    """``ax``'s title, wrapped onto several lines where it would be wider than the panel."""
+    size = FontProperties(size=plt.rcParams["axes.titlesize"]).get_size_in_points()
+    width = ax.get_position().width * ax.figure.get_figwidth() * 72  # points
+    # pre-wrapped for the panel, and wrap=True keeps any line inside the figure at draw time
+    ax.set_title("\n".join(textwrap.wrap(title, max(20, int(width / (0.6 * size))))), wrap=True)
+
+
 def _running_mean(values: Sequence[float], window: int) -> np.ndarray:
     window = max(1, min(window, len(values)))
     return np.convolve(values, np.ones(window) / window, mode="valid")
@@ -106,7 +116,8 @@ def plot_training(histories: Mapping[str, Sequence[tuple[int, float]]], smooth: 
                     label=label)
     for (name, y), colour in zip((hlines or {}).items(), ("black", "0.4", "0.6")):
         ax.axhline(y, color=colour, ls="--", lw=1, label=name)
-    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.set(xlabel="step", ylabel=ylabel)
+    set_title(ax, title)
     ax.legend()
     ax.grid(True)
     return fig
@@ -139,8 +150,8 @@ def plot_pretraining(shipped: Sequence[tuple[int, float]],
         ax.axhline(uniform, color="0.5", ls=":", lw=1,
                    label=f"uniform guess, ln |V| = {uniform:.2f}")
     log_axis(ax, np.concatenate(every))
-    ax.set(xlabel="step (log scale)", ylabel="denoising loss (nats / token)", ylim=(0, None),
-           title=title)
+    ax.set(xlabel="step (log scale)", ylabel="denoising loss (nats / token)", ylim=(0, None))
+    set_title(ax, title)
     ax.legend(loc="lower left")
     ax.grid(True)
     return fig
@@ -158,7 +169,8 @@ def plot_recall_curves(curves: Mapping[str, Mapping[int, float]],
         ks += k
         ax.plot(k, [recall[i] for i in k], marker="." if markers else None, label=name)
     log_axis(ax, ks)
-    ax.set(xlabel="k, passages retrieved", ylabel="recall@k", ylim=ylim, title=title)
+    ax.set(xlabel="k, passages retrieved", ylabel="recall@k", ylim=ylim)
+    set_title(ax, title)
     ax.legend()
     ax.grid(True)
     return fig
@@ -178,7 +190,8 @@ def plot_k_sweep(sweep: Mapping[str, Sequence[float]],
         ax.plot(sweep["k"], values, marker=marker, label=name)
     log_axis(ax, sweep["k"])
     ax.set(xlabel="k, documents retrieved at test time", ylabel="recall@k / exact match",
-           ylim=(0, 1), title=title)
+           ylim=(0, 1))
+    set_title(ax, title)
     ax.legend()
     ax.grid(True)
     return fig
@@ -197,7 +210,8 @@ def plot_heatmap(values, xlabels: Sequence[str], ylabels: Sequence[str], title: 
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    set_title(ax, title)
     ax.figure.colorbar(image, ax=ax, label=colorbar_label)
     return ax.figure
 
@@ -225,7 +239,8 @@ def plot_doc_distributions(titles: Sequence[str], distributions: Mapping[str, Se
                 label=name)
     ax.set_yticks(y, rank_labels(titles), fontsize=8)
     ax.invert_yaxis()  # rank 1 on top
-    ax.set(xlabel="probability", ylabel="retrieved passage (rank)", xlim=(0, 1), title=title)
+    ax.set(xlabel="probability", ylabel="retrieved passage (rank)", xlim=(0, 1))
+    set_title(ax, title)
     if len(distributions) > 1:
         ax.legend()
     return ax.figure
@@ -248,7 +263,8 @@ def plot_scores(values: Mapping[str, float], xlabel: str = "Exact Match", title:
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set(xlabel=xlabel + (" (± one standard error)" if errors else ""), ylabel=ylabel,
-           xlim=xlim, title=title)
+           xlim=xlim)
+    set_title(ax, title)
     return fig
 
 
@@ -269,6 +285,7 @@ def plot_paired(x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str
         ax.legend()
     lim = [min(x.min(), y.min()) - 0.5, max(x.max(), y.max()) + 0.5]
     ax.plot(lim, lim, "k--", lw=1)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=lim, ylim=lim)
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=lim, ylim=lim)
+    set_title(ax, title)
     ax.grid(True)
     return fig
