@@ -18,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .data import Example, Passage
-from .pipeline import Prediction, exact_match, normalize_answer
+from .pipeline import Prediction, RagModel, Retrieved, exact_match, normalize_answer
 
 
 def f1_score(prediction: str, answers: Sequence[str]) -> float:
@@ -135,6 +137,30 @@ DECODING = {"entity-qa": Decoding(num_beams=1, method="thorough"),
             "qgen": Decoding(num_beams=4, method="fast")}
 
 
+class ClosedBook(RagModel):
+    """The paper's closed-book BART baseline as a RAG model with nothing to retrieve.
+
+    Each question has one "document" of prior 1 and the generator reads the question alone
+    (``generator.format_input(None, x)``, as :func:`~ragbook.generator.finetune_closed_book`
+    trained it), so p(y|x) = p_θ(y|x) under Eq. 1 and Eq. 2 alike. ``answer`` and ``loss`` are
+    RagModel's own: the baseline is decoded with the same beam search, beams and answer length
+    as the RAG models it is compared with, and a comparison differs only in retrieval.
+    """
+
+    NO_PASSAGE = Passage("closed-book", "", "")  # provenance: the only "document"
+
+    def __init__(self, preset, generator, tokenizer):
+        super().__init__(preset, None, generator, tokenizer, None)
+
+    def retrieve(self, questions: Sequence[str], n_docs: int | None = None,
+                 grad: bool = False) -> Retrieved:
+        return Retrieved([[self.NO_PASSAGE] for _ in questions],
+                         torch.zeros(len(questions), 1, device=self.device))
+
+    def generator_inputs(self, questions: Sequence[str], passages):
+        return super().generator_inputs(questions, [[None] for _ in passages])
+
+
 def evaluate_rag(model, examples: Sequence[Example], marginalization: str = "token",
                  n_docs: int | None = None, num_beams: int = DECODING["entity-qa"].num_beams,
                  decoding: str = DECODING["entity-qa"].method,
@@ -153,12 +179,15 @@ def evaluate_labels(model, examples: Sequence[Example], labels: Sequence[str],
     """Label accuracy of a classifier that scores each label y under the model (Table 2,
     FEVER): the prediction is argmax_y log p(y|x), with log p(y|x) = −``model.loss`` for the
     example (x, y) — Eq. 1 or Eq. 2 over the retrieved passages for a RAG model, p_θ(y|x) for
-    :class:`ClosedBook`. The paper maps each FEVER class to one output token, where the two
-    marginalizations coincide (§2.1, §3.4); scored as a whole, a label written in several
-    tokens can never be misspelt. No gradient; the retriever is read, not trained.
-    """
-    import torch
+    :class:`ClosedBook`. No gradient; the retriever is read, not trained.
 
+    The paper "map[s] FEVER class labels [...] to single output tokens and directly train[s]
+    with claim-class pairs" (§3.4), where RAG-Sequence and RAG-Token coincide (§2.1); its
+    Appendix E classifies from BART's final hidden state, marginalized across documents.
+    Here the labels are words the generator writes in several tokens: scored as whole
+    sequences they are chosen between, never misspelt, and the first token, where the two
+    labels part, carries the decision.
+    """
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -322,6 +351,4 @@ def _rank(title: str, provenance: list[dict]) -> int | None:
 
 def torch_from(vectors, like):
     """``vectors`` as a tensor on the device and dtype of ``like``."""
-    import torch
-
     return torch.as_tensor(vectors).to(like.device, like.dtype)

@@ -1,9 +1,14 @@
-"""Metrics against hand-computed values."""
+"""Metrics against hand-computed values; the verification runner and the closed-book
+baseline on stand-in and tiny models."""
 
 import pytest
+import torch
+from transformers import BartForConditionalGeneration
 
 from ragbook import evaluate as ev
+from ragbook.config import Preset
 from ragbook.data import Example, Passage
+from ragbook.generator import encode_targets, tiny_config, train_tokenizer
 
 
 def test_squad_normalisation_and_exact_match():
@@ -45,3 +50,68 @@ def test_accuracy_and_prediction_files(tmp_path):
     path.write_text('{"question": "q"}\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:1: not a prediction"):
         ev.load_predictions(path)
+
+
+class _Scorer(torch.nn.Module):
+    """A stand-in model whose −log p(label | claim) is a fixed table."""
+
+    def __init__(self, nll: dict[tuple[str, str], float]):
+        super().__init__()
+        self.nll, self.calls = nll, []
+
+    def loss(self, examples, marginalization="token", train_retriever=True):
+        self.calls.append((len(examples), marginalization, train_retriever, self.training))
+        return torch.tensor([self.nll[e.question, e.answers[0]] for e in examples])
+
+
+def test_evaluate_labels_chooses_the_likelier_label_and_scores_that_choice():
+    labels = ("SUPPORTS", "REFUTES")
+    claims = [Example("c1", ["SUPPORTS"]), Example("c2", ["REFUTES"]),
+              Example("c3", ["REFUTES"])]
+    model = _Scorer({("c1", "SUPPORTS"): 0.1, ("c1", "REFUTES"): 2.0,
+                     ("c2", "SUPPORTS"): 0.5, ("c2", "REFUTES"): 0.7,   # wrong, narrowly
+                     ("c3", "SUPPORTS"): 3.0, ("c3", "REFUTES"): 1.0})
+    scores, predictions = ev.evaluate_labels(model, claims, labels, "sequence", batch_size=2)
+    assert [p.prediction for p in predictions] == ["SUPPORTS", "SUPPORTS", "REFUTES"]
+    assert [p.answers for p in predictions] == [e.answers for e in claims]
+    assert scores == {"accuracy": pytest.approx(2 / 3), "n": 3}
+    # every label of every claim scored in batches, in eval mode, the retriever not trained
+    assert sorted(model.calls) == [(1, "sequence", False, False)] * 2 + \
+        [(2, "sequence", False, False)] * 2
+    assert model.training  # given back in the mode it came in
+
+
+@pytest.fixture(scope="module")
+def closed_book():
+    texts = ["Paris is the capital of France.", "Rome is the capital of Italy.",
+             "capital of France", "capital of Italy", "Paris", "Rome"]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    config = tiny_config(tokenizer, d_model=32, layers=1)
+    config.init_std = 0.3  # a random generator that still depends on its input
+    torch.manual_seed(0)
+    preset = Preset(name="toy", query_encoder="-", doc_encoder="-", generator="-",
+                    pooling="mean", max_source_length=16, max_target_length=6)
+    return ev.ClosedBook(preset, BartForConditionalGeneration(config).eval(), tokenizer)
+
+
+def test_closed_book_scores_p_theta_of_y_given_the_question_alone(closed_book):
+    examples = [Example("capital of France", ["Paris"]), Example("capital of Italy", ["Rome"])]
+    nll = closed_book.loss(examples, train_retriever=False)
+    tok = closed_book.tokenizer
+    for e, value in zip(examples, nll):  # transformers' own cross-entropy, summed over y
+        src = tok(e.question, return_tensors="pt")  # <s> x </s>: the question alone
+        labels = encode_targets(tok, e.answers, 6)["labels"]
+        mean = closed_book.generator(**src, labels=labels).loss
+        assert value.item() == pytest.approx(mean.item() * labels.shape[1], rel=1e-5)
+    assert torch.equal(nll, closed_book.loss(examples, "sequence"))  # k = 1: Eq. 1 = Eq. 2
+
+
+def test_closed_book_answers_by_greedy_search_on_the_question_alone(closed_book):
+    prediction = closed_book.answer(["capital of France"], [["Paris"]], num_beams=1)[0]
+    assert prediction.provenance == [{"id": "closed-book", "title": "", "posterior": 1.0}]
+    tok = closed_book.tokenizer
+    out = closed_book.generator.generate(**tok("capital of France", return_tensors="pt"),
+                                         num_beams=1, do_sample=False, max_new_tokens=12,
+                                         forced_eos_token_id=None)
+    greedy = tok.decode(out[0], skip_special_tokens=True).strip()
+    assert prediction.prediction and greedy.startswith(prediction.prediction)

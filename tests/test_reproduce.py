@@ -1,13 +1,20 @@
-"""`ragbook reproduce`'s choices that need no training: which priors one model can serve, and
-the results table of a run recorded before the training prior was a setting."""
+"""`ragbook reproduce`'s choices that need no training: which priors one model can serve, the
+results table of a run recorded before the training prior was a setting, and how each task is
+decoded (on the toy world of test_pipeline, whose models stand in for trained ones)."""
 
 import json
 from pathlib import Path
 
 import pytest
+import test_pipeline as tp  # the toy world: a tiny BERT, BART and index built by the tests
 
-from ragbook import cli
+from ragbook import cli, rag, reproduce
+from ragbook import train as T
+from ragbook.data import Example
+from ragbook.pipeline import RagModel
 from ragbook.reproduce import ReproduceConfig, check_priors, results_table
+
+toy = tp.toy  # its fixture, used here too
 
 RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "reproduce_tinybart10k.json"
 
@@ -33,9 +40,7 @@ def test_an_unknown_prior_is_named_in_the_error():
 
 
 def test_the_cli_refuses_an_impossible_pair_of_priors_before_any_work(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["ask", "Capital of France", "--training-prior", "bm25"])
-    assert exit_.value.code == 2
+    assert cli.main(["ask", "Capital of France", "--training-prior", "bm25"]) == 2
     assert "BM25 alone uses no query encoder" in capsys.readouterr().err
 
 
@@ -43,3 +48,68 @@ def test_a_run_recorded_before_the_training_prior_existed_still_renders():
     table = results_table(json.loads(RECORDED.read_text()))  # trained and read with hybrid
     assert "| | RAG-Token (hybrid prior) | 58.0 |" in table
     assert "BERT_q trained jointly with the hybrid prior | 38.5 / 63.7 / 81.0" in table
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
+    """Every answer `reproduce` decodes — closed-book BART's and both RAG models', entity QA
+    and question generation — uses the beams, RAG-Sequence method and answer length that
+    results.json records for its task (the paper's Appendix A); verification decodes nothing."""
+    towns = {e.article for e in tp.EXAMPLES}
+    tasks = {"entity-qa": tp.EXAMPLES,
+             "qgen": [Example(t, [f"a town called {t}"], t) for t in sorted(towns)],
+             "verify": [Example(f"{e.article}: {e.question}", ["SUPPORTS"], e.article)
+                        for e in tp.EXAMPLES]}
+    calls = []
+
+    def spy(name):
+        decoder = getattr(rag, name)
+
+        def decode(model, tokenizer, input_ids, attention_mask, doc_scores, **kwargs):
+            text = tokenizer.decode(input_ids[0], skip_special_tokens=True)
+            task = ("verify" if ": " in text else "entity-qa" if "Which town" in text
+                    else "qgen")
+            calls.append({"task": task, "closed_book": doc_scores.shape[1] == 1,
+                          "decoder": name, **kwargs})
+            return decoder(model, tokenizer, input_ids, attention_mask, doc_scores, **kwargs)
+        return decode
+
+    for name in ("rag_token_generate", "rag_sequence_generate"):
+        monkeypatch.setattr(rag, name, spy(name))
+    monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0: toy.preset)
+    monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0: tasks[task])
+    monkeypatch.setattr(reproduce, "article_topics", dict)
+
+    def from_preset(preset, retriever="dense", **parts):
+        return tp._model(toy, retriever).eval()
+
+    def trained_rag(preset, task, cfg, retriever, progress):
+        model = from_preset(preset, retriever)
+        model.history = [(1, 2.0), (2, 1.0)]
+        return model
+
+    monkeypatch.setattr(RagModel, "from_preset", staticmethod(from_preset))
+    monkeypatch.setattr(T, "trained_rag", trained_rag)
+    monkeypatch.setattr(T, "trained_closed_book",
+                        lambda preset, task, steps, progress: (toy.generator, toy.tokenizer))
+    cfg = ReproduceConfig(eval_questions=4, sweep_questions=2, sweep_ks=(1,), hot_swap_facts=2)
+    results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
+
+    run = tmp_path / "latest"
+    recorded = results["decoding"]
+    assert recorded == json.loads((run / "results.json").read_text())["decoding"]
+    assert recorded["entity-qa"] == {"num_beams": 1, "method": "thorough"}  # Appendix A
+    assert recorded["qgen"] == {"num_beams": 4, "method": "fast"}
+    seen = {(c["task"], c["closed_book"], c["decoder"]) for c in calls}
+    assert {("entity-qa", True, "rag_token_generate"), ("qgen", True, "rag_token_generate"),
+            ("entity-qa", False, "rag_sequence_generate"), ("qgen", False, "rag_token_generate"),
+            ("entity-qa", False, "rag_token_generate")} == seen  # nothing decodes a claim
+    for c in calls:
+        assert c["num_beams"] == recorded[c["task"]]["num_beams"]
+        if c["decoder"] == "rag_sequence_generate":
+            assert c["method"] == recorded[c["task"]]["method"]
+    assert len({c["max_length"] for c in calls}) == 1  # closed-book answers as long as RAG's
+    assert recorded["verify"] == {"scored_labels": ["SUPPORTS", "REFUTES"]}
+    assert set(results["verify"]["rag"]) == {"accuracy", "n"}
+    assert "entity QA greedy, RAG-Sequence Thorough; question generation 4 beams, " \
+        "RAG-Sequence Fast" in (run / "results.md").read_text()
