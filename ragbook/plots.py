@@ -68,10 +68,13 @@ def styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
 
 
 def log_axis(ax: Axes, values: Sequence[float], axis: str = "x") -> None:
-    """A log-scaled axis whose ticks are the round numbers 1, 2, 5, 10, 20, 50 … inside the
+    """A log-scaled axis whose ticks are the round numbers 1, 2, 5, 10, 20, 50 … covering the
     range of ``values``, written as plain numbers (no 10^x, no unlabelled minor ticks)."""
     lo, hi = min(values), max(values)
-    ticks = [t for t in LOG_TICKS if lo <= t <= hi] or sorted({lo, hi})
+    # beyond an end that is not itself a round number, one more tick, so every point has a scale
+    below = [t for t in LOG_TICKS if t < lo][-1:] if lo not in LOG_TICKS else []
+    above = [t for t in LOG_TICKS if t > hi][:1] if hi not in LOG_TICKS else []
+    ticks = below + [t for t in LOG_TICKS if lo <= t <= hi] + above
     target = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     target.set_minor_locator(NullLocator())

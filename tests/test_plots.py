@@ -108,3 +108,10 @@ def test_style_is_applied_and_does_not_leak():
     assert not fig.axes[0].spines["top"].get_visible()  # the course's style
     assert fig.get_layout_engine() is not None  # constrained layout: no overlapping labels
     assert plt.rcParams["axes.spines.top"] == before  # …only inside the plot function
+
+
+def test_log_ticks_reach_past_ends_that_are_not_round():
+    fig, ax = plt.subplots()
+    plots.log_axis(ax, [1234, 56_000], axis="y")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1,000", "2,000", "5,000", "10,000",
+                                                            "20,000", "50,000", "100,000"]
