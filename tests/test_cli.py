@@ -106,7 +106,8 @@ def test_a_checkpoint_written_with_other_settings_is_one_line(tmp_path, capsys, 
 
 
 def test_ctrl_c_saves_the_checkpoint_and_exits_130_in_one_line(tmp_path, capsys, monkeypatch):
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled elsewhere (nohup, or a test runner's worker)")
     monkeypatch.setattr(train, "pretrain", fake_pretrain(interrupt_at=2))
     work = tmp_path / "work"
     argv = ["pretrain", "--out", str(tmp_path / "out"), "--work", str(work), "--steps", "5"]
