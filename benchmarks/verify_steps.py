@@ -42,11 +42,16 @@ def sample(split: str, n: int, seed: int) -> list:
 
 
 def scored(model, claims: dict[str, list]) -> dict:
-    """Label accuracy on each split, and the seconds it took to score them."""
+    """Label accuracy on each split, the share of claims labelled SUPPORTS (a model that
+    says one label whatever the claim scores the share of that label), and the seconds it
+    took to score them."""
     out = {}
     for split, examples in claims.items():
         start = time.time()
-        out[split] = ev.evaluate_labels(model, examples, LABELS)[0]["accuracy"]
+        scores, predictions = ev.evaluate_labels(model, examples, LABELS)
+        out[split] = scores["accuracy"]
+        out[f"{split}_supports"] = sum(p.prediction == LABELS[0]
+                                       for p in predictions) / len(predictions)
         out[f"{split}_scoring_seconds"] = round(time.time() - start, 1)
     return out
 
