@@ -140,7 +140,8 @@ def _run_with(**em) -> dict:
                                                        "rag_token")},
             "baselines": {"top1_title_em": rate["top1_title"]},
             "hits": {"em": em, "recall@1": {"bm25": [1] * 60 + [0] * 40,
-                                            "frozen": [1] * 40 + [0] * 60}}}
+                                            "frozen": [1] * 40 + [0] * 60},
+                     "recall@5": {"bm25": [1] * 80 + [0] * 20, "frozen": [1] * 79 + [0] * 21}}}
 
 
 def test_findings_call_a_difference_only_beyond_twice_its_paired_error():
@@ -151,7 +152,7 @@ def test_findings_call_a_difference_only_beyond_twice_its_paired_error():
     assert by_topic["Retrieval vs parametric memory"].startswith("✔")  # 50 vs 0
     assert by_topic["RAG-Sequence vs RAG-Token"].startswith("✔")  # within a point: as the paper
     assert by_topic["The generator against copying the top-1 title"].startswith("≈")  # 50 vs 48
-    assert by_topic["BM25 vs dense"].startswith("BM25 ahead")
+    assert "at rank 1 BM25 ahead, at rank 5 within noise" in by_topic["BM25 vs dense retrieval"]
     assert not any("Fact verification" in line or "frozen BERT_q" in line for line in lines)
     reverse = reproduce.findings(_run_with(closed_book=[1] * 90 + [0] * 10,
                                            rag_sequence=[1] * 40 + [0] * 60,
