@@ -175,12 +175,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .config import get_preset
     from .index import build_index
 
     out = _writable_dir(args.out, "--out")
+    preset = get_preset(args.preset)  # its checkpoints, checked before the corpus is read
     passages = data.load_corpus() if args.corpus == "builtin" else data.load_passages(args.corpus)
     print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
-    built = build_index(passages, out, args.retriever, args.preset, args.index_type)
+    built = build_index(passages, out, args.retriever, preset, args.index_type)
     print(f"{built} of {len(passages):,} passages -> {out}")
     return 0
 
