@@ -86,4 +86,4 @@ def tiny_paper(tmp_path_factory):
                            generator=str(bart), corpus=str(root / "wiki_dpr"),
                            nq_open=str(root / "nq_open"),
                            sizes=dict(max_query_length=16, max_passage_length=24,
-                                      max_source_length=40, max_target_length=6, n_docs=3))
+                                      max_source_length=64, max_target_length=6, n_docs=3))
