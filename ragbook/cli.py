@@ -224,6 +224,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import get_preset
+    from .export import checkpoint_model, export_rag, reproduced_model
+
+    out = _writable_dir(args.out, "--out")
+    if args.checkpoint:
+        model, about = checkpoint_model(args.checkpoint, get_preset(args.preset))
+    else:
+        get_preset(args.preset)  # its checkpoints, checked before any training
+        print("Loading reproduce's jointly trained model (trained and cached on first use)…",
+              file=sys.stderr)
+        model, about = reproduced_model(args.model, args.preset, args.steps, args.runs_dir)
+    notes = export_rag(model, out, args.model, about)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    parts = ["generator/", "query_encoder/", "passages/", "passages.faiss",
+             *(["rag/"] if not notes else []), "README.md"]
+    print(f"RAG-{args.model.capitalize()} exported -> {out}: {', '.join(parts)}")
+    return 0
+
+
 def _prior_options(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--retriever", choices=RETRIEVERS, default=defaults.retriever,
                    help="RAG's prior p(z|x) at test time: dense (the paper), BM25, or hybrid, "
@@ -350,6 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=count, default=64, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_search, on_interrupt="stopped")
+
+    p = sub.add_parser(
+        "export", help="write a trained RAG model in the formats the ecosystem loads",
+        description="Write the generator (a BART checkpoint), the query encoder "
+        "(sentence-transformers for MiniLM, DPRQuestionEncoder for DPR), the passages (a "
+        "datasets dataset and a FAISS index), for DPR-shaped models a transformers RAG "
+        "checkpoint with its RagRetriever, and a model card (README.md).")
+    p.add_argument("--model", choices=("token", "sequence"), default="token",
+                   help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
+    p.add_argument("--out", required=True, help="directory to write the export into")
+    p.add_argument("--checkpoint", help="a directory with generator/ and query_encoder/ "
+                   "(default: reproduce's jointly trained model)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="the preset the model was trained with")
+    p.add_argument("--steps", type=count, default=defaults.rag_steps,
+                   help="joint fine-tuning steps (reproduce's model by default)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where reproduce's results are read for the model card")
+    p.set_defaults(func=cmd_export, on_interrupt=f"nothing was exported; {RESUME}")
     return parser
 
 

@@ -174,6 +174,8 @@ def model_card(facts: dict) -> str:
     """The README.md beside the weights, from :func:`export_rag`'s facts."""
     p, m = facts["preset"], facts["marginalization"]
     name = f"RAG-{m.capitalize()}"
+    generator = ("ragbook's shipped tiny BART" if p["generator"] == "tiny"
+                 else f"`{p['generator']}`")
     scoring = (f"p(z|x) = softmax over the top {p['n_docs']} of {p['score_scale']:g} · "
                f"d(z)ᵀq(x), q(x) and d(z) the {p['pooling']} pooling of the encoders' states"
                + (", L2-normalised" if p["normalize"] else ""))
@@ -182,7 +184,7 @@ def model_card(facts: dict) -> str:
              f"ragbook {facts['ragbook']} (preset `{p['name']}`).", "", "## What was trained", "",
              f"- query encoder BERT_q, fine-tuned from `{p['query_encoder']}` "
              f"({facts['query_encoder_format']}, in `query_encoder/`)",
-             f"- generator p_θ, fine-tuned from `{p['generator']}` (BART, in `generator/`)",
+             f"- generator p_θ, fine-tuned from {generator} (BART, in `generator/`)",
              f"- document encoder BERT_d `{p['doc_encoder']}`, frozen: it encoded the "
              f"{facts['passages']:,} passages of `passages/` once (d(z) in their `embeddings`"
              " column, indexed in `passages.faiss`)",
@@ -259,3 +261,81 @@ def import_rag(path: str | Path, out: str | Path, **overrides) -> tuple[Preset, 
         "n_docs": config.n_docs, "max_source_length": config.max_combined_length, **overrides})
     marginalization = next(m for m, c in RAG_CLASSES.items() if c == cls)
     return preset, marginalization
+
+
+# ------------------------------------------------------------ what `ragbook export` reads
+
+
+def reproduced_model(marginalization: str, preset: str = "tiny", steps: int | None = None,
+                     runs_dir: str | Path = "runs", seed: int = 0) -> tuple[RagModel, dict]:
+    """reproduce's jointly trained entity-QA model (trained and cached on first use) with the
+    dense prior it was trained with — the part transformers' RAG can express — and what the
+    card says about it: the training recipe and, when ``runs_dir/latest`` is a run of the same
+    configuration, the figures that run measured."""
+    from dataclasses import asdict
+
+    from .reproduce import ReproduceConfig, rag_model
+    from .train import RagTrainConfig
+
+    defaults = ReproduceConfig()
+    cfg = ReproduceConfig(preset=preset, rag_steps=steps or defaults.rag_steps, seed=seed,
+                          training_prior="dense", retriever="dense")
+    model = rag_model(cfg, "entity-qa", marginalization)
+    train = RagTrainConfig(marginalization=marginalization, steps=cfg.rag_steps,
+                           n_docs=model.preset.n_docs, seed=seed)
+    trained = {"task": "entity-qa, the built-in Wikipedia vital-articles task (train split)",
+               "corpus": f"{len(model.index.passages):,} built-in passages",
+               "prior during training": "dense (the paper's)",
+               **{k.replace("_", " "): v for k, v in asdict(train).items()
+                  if k not in ("checkpoint_every", "marginalization")}}
+    return model, {"trained": trained,
+                   "results": _reproduced_results(Path(runs_dir), cfg, marginalization)}
+
+
+def _reproduced_results(runs_dir: Path, cfg, marginalization: str) -> dict:
+    """The figures of ``runs_dir/latest/results.json`` for this model, if that run trained it."""
+    path = runs_dir / "latest" / "results.json"
+    if not path.is_file():
+        return {}
+    run = json.loads(path.read_text())
+    config = run.get("config", {})
+    same = all(config.get(k) == getattr(cfg, k) for k in ("preset", "rag_steps", "seed",
+                                                          "training_prior"))
+    if not same or "entity_qa" not in run:
+        return {}
+    n, prior = config.get("eval_questions"), config.get("retriever")
+    results = {f"entity-QA exact match ({n} test questions, read with the {prior} prior; "
+               f"{path.parent.resolve().name})":
+               run["entity_qa"][f"rag_{marginalization}"]["em"]}
+    if marginalization == "token" and "finetuned" in run.get("retrieval", {}):
+        recall = run["retrieval"]["finetuned"]
+        results["retrieval recall@1/5/20, dense prior with this BERT_q"] = " / ".join(
+            f"{recall[f'recall@{k}']:.3f}" for k in (1, 5, 20))
+    return results
+
+
+def checkpoint_model(directory: str | Path, preset: Preset) -> tuple[RagModel, dict]:
+    """A RagModel from a directory holding ``generator/`` and ``query_encoder/`` (as
+    ``train.trained_rag`` writes them), over the built-in corpus, and what the card says."""
+    from transformers import AutoTokenizer, BartForConditionalGeneration
+
+    from .data import DataError
+    from .retriever import Encoder
+
+    directory = Path(directory)
+    missing = [p for p in ("generator", "query_encoder") if not (directory / p).is_dir()]
+    if missing:
+        raise DataError(f"{directory}: no {' or '.join(missing)} directory; give a directory "
+                        "with generator/ and query_encoder/, as ragbook's trained RAG models "
+                        "have them")
+    with quiet_loading():
+        generator = BartForConditionalGeneration.from_pretrained(directory / "generator")
+        tokenizer = AutoTokenizer.from_pretrained(directory / "generator")
+    query_encoder = Encoder(str(directory / "query_encoder"), preset.pooling, preset.normalize,
+                            preset.max_query_length)
+    model = RagModel.from_preset(preset, query_encoder=query_encoder, generator=generator,
+                                 tokenizer=tokenizer).eval()
+    history = directory / "history.json"
+    steps = len(json.loads(history.read_text())["history"]) if history.is_file() else None
+    return model, {"trained": {"checkpoint": str(directory.resolve()),
+                               **({"steps": steps} if steps is not None else {})}}
