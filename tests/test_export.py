@@ -225,3 +225,14 @@ def test_a_transformers_rag_checkpoint_imports_into_ragbook(models, exported, ti
     with torch.no_grad():
         torch.testing.assert_close(imported.loss(examples, "sequence"),
                                    built["dpr"].loss(examples, "sequence"))
+
+
+def test_the_export_command_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    from ragbook import cli
+
+    (tmp_path / "run" / "generator").mkdir(parents=True)
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "run"),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no query_encoder directory" in err[0]
+    assert not (tmp_path / "out").exists()
