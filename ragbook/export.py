@@ -25,6 +25,7 @@ public RAG checkpoints read back into ragbook.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -147,6 +148,11 @@ def export_rag(model: RagModel, out: str | Path, marginalization: str = "token",
                          f"choose one of {sorted(RAG_CLASSES)}")
     if model.index is None:
         raise ValueError("a BM25-only model has no dense index or query encoder to export")
+    if not model.query_encoder.is_dpr and importlib.util.find_spec("sentence_transformers") is None:
+        from .data import DataError
+
+        raise DataError("exporting a MiniLM-shaped query encoder writes a sentence-transformers "
+                        "model: pip install sentence-transformers")
     about = about or {}
     final = Path(out).resolve()
     reasons = dpr_shaped(model)
