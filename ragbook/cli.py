@@ -175,12 +175,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .config import get_preset
     from .index import build_index
 
     out = _writable_dir(args.out, "--out")
+    preset = get_preset(args.preset)  # its checkpoints, checked before the corpus is read
     passages = data.load_corpus() if args.corpus == "builtin" else data.load_passages(args.corpus)
     print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
-    built = build_index(passages, out, args.retriever, args.preset, args.index_type)
+    built = build_index(passages, out, args.retriever, preset, args.index_type)
     print(f"{built} of {len(passages):,} passages -> {out}")
     return 0
 
@@ -219,6 +221,27 @@ def cmd_search(args: argparse.Namespace) -> int:
                 text = h["text"] if len(h["text"]) <= 160 else h["text"][:157] + "..."
                 print(f"  {rank:>2}. {h['score']:8.4f}  [{h['title']}] {text}")
             print()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import get_preset
+    from .export import checkpoint_model, export_rag, reproduced_model
+
+    out = _writable_dir(args.out, "--out")
+    if args.checkpoint:
+        model, about = checkpoint_model(args.checkpoint, get_preset(args.preset))
+    else:
+        get_preset(args.preset)  # its checkpoints, checked before any training
+        print("Loading reproduce's jointly trained model (trained and cached on first use)…",
+              file=sys.stderr)
+        model, about = reproduced_model(args.model, args.preset, args.steps, args.runs_dir)
+    notes = export_rag(model, out, args.model, about)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    parts = ["generator/", "query_encoder/", "passages/", "passages.faiss",
+             *(["rag/"] if not notes else []), "README.md"]
+    print(f"RAG-{args.model.capitalize()} exported -> {out}: {', '.join(parts)}")
     return 0
 
 
@@ -348,6 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=count, default=64, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_search, on_interrupt="stopped")
+
+    p = sub.add_parser(
+        "export", help="write a trained RAG model in the formats the ecosystem loads",
+        description="Write the generator (a BART checkpoint), the query encoder "
+        "(sentence-transformers for MiniLM, DPRQuestionEncoder for DPR), the passages (a "
+        "datasets dataset and a FAISS index), for DPR-shaped models a transformers RAG "
+        "checkpoint with its RagRetriever, and a model card (README.md).")
+    p.add_argument("--model", choices=("token", "sequence"), default="token",
+                   help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
+    p.add_argument("--out", required=True, help="directory to write the export into")
+    p.add_argument("--checkpoint", help="a directory with generator/ and query_encoder/ "
+                   "(default: reproduce's jointly trained model)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="the preset the model was trained with")
+    p.add_argument("--steps", type=count, default=defaults.rag_steps,
+                   help="joint fine-tuning steps (reproduce's model by default)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where reproduce's results are read for the model card")
+    p.set_defaults(func=cmd_export, on_interrupt=f"nothing was exported; {RESUME}")
     return parser
 
 

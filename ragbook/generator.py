@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import Preset, quiet_loading
+from .config import Preset, quiet_loading, resolve_model
 from .data import Example, Passage
 
 SHIPPED = Path(__file__).parent / "weights" / "tiny-bart"
@@ -96,7 +96,7 @@ def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)``: ``"tiny"`` is the shipped BART, else a path or hub id."""
     from transformers import AutoTokenizer
 
-    path = SHIPPED if name == "tiny" else name
+    path = SHIPPED if name == "tiny" else resolve_model(name)  # fails fast with no hub
     if name == "tiny" and not (SHIPPED / "config.json").exists():
         raise FileNotFoundError(
             f"{SHIPPED} holds no generator; rebuild it with `ragbook pretrain --out {SHIPPED}`")

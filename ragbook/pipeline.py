@@ -144,27 +144,28 @@ class RagModel(torch.nn.Module):
 
     @classmethod
     def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
-                    generator=None, tokenizer=None, index_kind: str = "flat") -> RagModel:
-        """Assemble the model from cached artifacts (built on first use)."""
+                    generator=None, tokenizer=None, index_kind: str = "flat",
+                    passages: Sequence[Passage] | None = None) -> RagModel:
+        """Assemble the model from cached artifacts (built on first use) over ``passages``
+        (default: the built-in corpus; e.g. ``data.load_wiki_dpr(...)`` for the paper's)."""
+        from .data import load_corpus
         from .generator import load_generator
         from .index import corpus_index
         from .retriever import BM25Retriever, load_encoders, passage_embeddings
 
+        passages = load_corpus() if passages is None else list(passages)
         if query_encoder is None:
             query_encoder = load_encoders(preset)[0]
         if generator is None:
             generator, tokenizer = load_generator(preset.generator)
         if retriever not in RETRIEVERS:
             raise ValueError(f"unknown retriever {retriever!r}; choose one of {RETRIEVERS}")
-        bm25 = None
-        if retriever != "dense":
-            from .data import load_corpus
-
-            bm25 = BM25Retriever(load_corpus())
+        bm25 = None if retriever == "dense" else BM25Retriever(passages)
         if retriever == "bm25":
             return cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
         return cls(preset, query_encoder, generator, tokenizer,
-                   corpus_index(preset, kind=index_kind), passage_embeddings(preset), bm25=bm25)
+                   corpus_index(preset, kind=index_kind, passages=passages),
+                   passage_embeddings(preset, passages), bm25=bm25)
 
     def with_bm25(self, bm25) -> RagModel:
         """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
