@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import Preset, quiet_loading
+from .config import Preset, default_device, quiet_loading
 from .data import Example, Passage
 
 SHIPPED = Path(__file__).parent / "weights" / "tiny-bart"
@@ -92,8 +92,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, d_model: int = 256, layers: 
     )
 
 
-def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)``: ``"tiny"`` is the shipped BART, else a path or hub id."""
+def load_generator(name: str = "tiny", device: str | torch.device | None = None):
+    """Return ``(model, tokenizer)``: ``"tiny"`` is the shipped BART, else a path or hub id;
+    on ``device`` (default :func:`~ragbook.config.default_device`)."""
     from transformers import AutoTokenizer
 
     path = SHIPPED if name == "tiny" else name
@@ -103,7 +104,7 @@ def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
     with quiet_loading():
         tokenizer = _fix_decoding(AutoTokenizer.from_pretrained(path))
         model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    return model.to(device), tokenizer
+    return model.to(device or default_device()), tokenizer
 
 
 def format_input(passage: Passage | None, question: str) -> str:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import rag
-from .config import RETRIEVERS, Preset
+from .config import RETRIEVERS, Preset, default_device
 from .data import Example, Passage
 from .generator import encode_inputs, encode_targets, token_logprobs
 
@@ -116,7 +116,8 @@ class RagModel(torch.nn.Module):
     @classmethod
     def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
                     generator=None, tokenizer=None, index_kind: str = "flat") -> RagModel:
-        """Assemble the model from cached artifacts (built on first use)."""
+        """Assemble the model from cached artifacts (built on first use), on
+        :func:`~ragbook.config.default_device`."""
         from .generator import load_generator
         from .index import corpus_index
         from .retriever import BM25Retriever, load_encoders, passage_embeddings
@@ -133,9 +134,12 @@ class RagModel(torch.nn.Module):
 
             bm25 = BM25Retriever(load_corpus())
         if retriever == "bm25":
-            return cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
-        return cls(preset, query_encoder, generator, tokenizer,
-                   corpus_index(preset, kind=index_kind), passage_embeddings(preset), bm25=bm25)
+            model = cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
+        else:
+            model = cls(preset, query_encoder, generator, tokenizer,
+                        corpus_index(preset, kind=index_kind), passage_embeddings(preset),
+                        bm25=bm25)
+        return model.to(default_device())
 
     def with_bm25(self, bm25) -> RagModel:
         """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
