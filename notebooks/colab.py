@@ -140,10 +140,15 @@ def generated_cells(nb, path: str) -> list:
     return [badge, setup]
 
 
+def repo_path(path: Path) -> str:
+    """The notebook's path in the repository, as GitHub (and so Colab) names it."""
+    return path.resolve().relative_to(ROOT).as_posix()
+
+
 def update(path: Path, check: bool = False) -> bool:
     """Bring one notebook's generated cells up to date; returns whether they were not."""
     nb = nbformat.read(path, as_version=4)
-    wanted = generated_cells(nb, path.resolve().relative_to(ROOT).as_posix())
+    wanted = generated_cells(nb, repo_path(path))
     ours = [c for c in nb.cells if TAG in c.metadata.get("tags", [])]
     if nb.cells[:len(ours)] == ours and [(c.cell_type, c.source) for c in ours] == [
             (c.cell_type, c.source) for c in wanted]:
