@@ -41,6 +41,7 @@ SETUP = '''\
 # installs ragbook {version}, the release this notebook was written for, and keeps Colab's own
 # torch; RAGBOOK_SOURCE=<a wheel's path or URL, or git+URL@branch> installs another build.
 # Elsewhere it installs nothing.
+import importlib
 import os
 import subprocess
 import sys
@@ -58,6 +59,7 @@ if "google.colab" in sys.modules:
     if subprocess.run(pip).returncode:
         raise SystemExit("ragbook did not install: read pip's message above, then the README, "
                          "'Workshops (Colab)'")
+    importlib.invalidate_caches()  # so that this kernel sees the package just installed
 
 import ragbook
 from ragbook.config import default_device

@@ -71,7 +71,7 @@ def _positive_float(text: str) -> float:
 
 def _device(text: str) -> str:
     try:
-        check_device(text, "--device")
+        check_device(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

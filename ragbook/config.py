@@ -86,15 +86,15 @@ def get_preset(name: str = "tiny", **overrides) -> Preset:
     return replace(PRESETS[name](), **overrides)
 
 
-def check_device(name: str, setting: str = "RAGBOOK_DEVICE") -> torch.device:
+def check_device(name: str) -> torch.device:
     """``name`` (``cpu``, ``cuda``, ``cuda:1`` …) as a device this machine has; else
-    ``ValueError``, one line naming ``setting`` (where the value came from) and what to give."""
+    ``ValueError``, one line that says what to give instead."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"{setting}={name!r} is not a device; use cpu or cuda") from None
+        raise ValueError(f"{name!r} is not a device; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{setting}={name!r}, but this machine has no CUDA GPU; use cpu")
+        raise ValueError(f"{name!r} asks for a GPU, but this machine has no CUDA GPU; use cpu")
     return device
 
 
@@ -104,7 +104,10 @@ def default_device() -> torch.device:
     bad setting)."""
     wanted = os.environ.get("RAGBOOK_DEVICE", "").strip()
     if wanted:
-        return check_device(wanted)
+        try:
+            return check_device(wanted)
+        except ValueError as e:
+            raise ValueError(f"RAGBOOK_DEVICE={e}") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

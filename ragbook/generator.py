@@ -199,7 +199,10 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
     ``input_ids``/``attention_mask``: (batch·k, S), the k inputs of each question consecutive;
     ``labels``: (batch, T). Returns (batch, k, T) in one batched forward pass. Positions past a
     target's end hold the log-probability of the pad token: mask them with ``target_mask``.
+    The tensors may come from the CPU (``encode_inputs``): they are moved to the model's device.
     """
+    device = model.device
+    input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
     batch, n_docs = labels.shape[0], input_ids.shape[0] // labels.shape[0]
     if batch * n_docs != input_ids.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} inputs for {batch} targets: expected k inputs "
