@@ -1,12 +1,13 @@
 """The release a Colab workshop installs: the wheel, its install outside the checkout, the
 notebooks' setup cell on a simulated Colab, the badges, and the device every model runs on.
 
-One wheel is built per session (a few seconds). The installs reuse the test interpreter's
-packages (torch and the rest) through symlinks, so they download nothing; what ragbook itself
-brings comes only from the wheel, and the checkout is never on the path.
+One wheel is built per session (a few seconds of CPU). Its install reuses the test
+interpreter's packages (torch and the rest) through symlinks, so it downloads nothing; ragbook
+itself comes only from the wheel, and the checkout is never on the path.
 """
 
 import ast
+import importlib.util
 import os
 import re
 import shutil
@@ -27,8 +28,9 @@ from ragbook import cli
 from ragbook.config import check_device, default_device
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "notebooks"))
-import colab  # noqa: E402  (notebooks/colab.py, the generator behind `make colab`)
+_spec = importlib.util.spec_from_file_location("colab", ROOT / "notebooks" / "colab.py")
+colab = importlib.util.module_from_spec(_spec)  # the generator behind `make colab`
+_spec.loader.exec_module(colab)
 
 # What a Colab runtime has before the first cell: its own torch, the kernel, pip.
 COLAB_PREINSTALLED = ("torch", "ipython", "pip")
