@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import data
-from .config import PRESETS, RETRIEVERS
+from .config import PRESETS, RETRIEVERS, check_device, default_device
 from .index import INDEX_RETRIEVERS, KINDS
 
 
@@ -70,14 +70,10 @@ def _positive_float(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    import torch
-
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("no CUDA GPU on this machine; use --device cpu")
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -331,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("--steps", count), ("--batch-size", count), ("--seq-len", _at_least(3)),
                        ("--lr", _positive_float), ("--warmup", _at_least(0)), ("--seed", int)):
         p.add_argument(flag, type=kind, help=recipe)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_device,
+                   help="cpu or cuda (default: $RAGBOOK_DEVICE, else CUDA when there is a GPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 matrix products where the device has them (a GPU, or a CPU with "
                    "AVX512-BF16 or AMX; faster steps there), fp32 elsewhere " + recipe)
@@ -405,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed in one line
         return e.code if isinstance(e.code, int) else 0
+    try:
+        default_device()  # a bad RAGBOOK_DEVICE ends here, before any long work
+    except ValueError as e:
+        return _error(e)
     try:
         return args.func(args)
     except data.DataError as e:

@@ -160,6 +160,31 @@ def check_checkpoints(preset: Preset) -> None:
         raise unavailable(missing)
 
 
+def check_device(name: str) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:1`` …) as a device this machine has; else
+    ``ValueError``, one line that says what to give instead."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r} asks for a GPU, but this machine has no CUDA GPU; use cpu")
+    return device
+
+
+def default_device() -> torch.device:
+    """Where ragbook computes: ``$RAGBOOK_DEVICE`` if set, else the CUDA GPU when there is
+    one, else the CPU. Every command and notebook asks here (:func:`check_device` refuses a
+    bad setting)."""
+    wanted = os.environ.get("RAGBOOK_DEVICE", "").strip()
+    if wanted:
+        try:
+            return check_device(wanted)
+        except ValueError as e:
+            raise ValueError(f"RAGBOOK_DEVICE={e}") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def bf16_supported(device: torch.device | str) -> bool:
     """Whether ``device`` runs bf16 matrix products natively: a CUDA GPU, or a CPU with
     AVX512-BF16 or AMX (oneDNN). Elsewhere bf16 is emulated and slower than fp32.

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import rag
-from .config import RETRIEVERS, Preset
+from .config import RETRIEVERS, Preset, default_device
 from .data import Example, Passage
 from .generator import encode_inputs, encode_targets, token_logprobs
 
@@ -147,7 +147,8 @@ class RagModel(torch.nn.Module):
                     generator=None, tokenizer=None, index_kind: str = "flat",
                     passages: Sequence[Passage] | None = None) -> RagModel:
         """Assemble the model from cached artifacts (built on first use) over ``passages``
-        (default: the built-in corpus; e.g. ``data.load_wiki_dpr(...)`` for the paper's)."""
+        (default: the built-in corpus; e.g. ``data.load_wiki_dpr(...)`` for the paper's), on
+        :func:`~ragbook.config.default_device`."""
         from .data import load_corpus
         from .generator import load_generator
         from .index import corpus_index
@@ -162,10 +163,12 @@ class RagModel(torch.nn.Module):
             raise ValueError(f"unknown retriever {retriever!r}; choose one of {RETRIEVERS}")
         bm25 = None if retriever == "dense" else BM25Retriever(passages)
         if retriever == "bm25":
-            return cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
-        return cls(preset, query_encoder, generator, tokenizer,
-                   corpus_index(preset, kind=index_kind, passages=passages),
-                   passage_embeddings(preset, passages), bm25=bm25)
+            model = cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
+        else:
+            model = cls(preset, query_encoder, generator, tokenizer,
+                        corpus_index(preset, kind=index_kind, passages=passages),
+                        passage_embeddings(preset, passages), bm25=bm25)
+        return model.to(default_device())
 
     def with_bm25(self, bm25) -> RagModel:
         """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
