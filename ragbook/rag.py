@@ -304,8 +304,9 @@ def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tens
     slot) has prior 0 and weighs nothing.
     """
     # batches made on the CPU (generator.encode_inputs) go to the generator's device
+    device = getattr(model, "device", input_ids.device)
     input_ids, attention_mask, doc_scores = (
-        t.to(model.device) for t in (input_ids, attention_mask, doc_scores))
+        t.to(device) for t in (input_ids, attention_mask, doc_scores))
     batch, k = doc_scores.shape
     with _eval_mode(model):
         encoder_hidden = _encode(model, input_ids, attention_mask)
@@ -343,8 +344,9 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
     if method not in ("thorough", "fast"):
         raise ValueError(f"method must be 'thorough' or 'fast', not {method!r}")
     # batches made on the CPU (generator.encode_inputs) go to the generator's device
+    device = getattr(model, "device", input_ids.device)
     input_ids, attention_mask, doc_scores = (
-        t.to(model.device) for t in (input_ids, attention_mask, doc_scores))
+        t.to(device) for t in (input_ids, attention_mask, doc_scores))
     batch, k = doc_scores.shape
     with _eval_mode(model):
         encoder_hidden = _encode(model, input_ids, attention_mask)
