@@ -511,10 +511,11 @@ def open_index(directory: str | Path) -> DenseRetriever | BM25Retriever | Fusion
 
 
 def corpus_index(preset: Preset | str = "tiny", kind: str = "flat", rerank: bool = True,
-                 progress: bool = True, **params: int) -> DenseIndex:
+                 progress: bool = True, mmap: bool = False, **params: int) -> DenseIndex:
     """The built-in corpus's index for ``preset``: a cached recipe (``ragbook.artifacts``),
     built on first use from ``retriever.passage_embeddings(preset)`` (aligned with
-    ``data.load_corpus()``), then loaded."""
+    ``data.load_corpus()``), then loaded (memory-mapped with ``mmap``: processes on one
+    machine, say the ranks of a data-parallel run, then share its pages)."""
     from . import artifacts, data, retriever
     from .config import get_preset
 
@@ -532,4 +533,4 @@ def corpus_index(preset: Preset | str = "tiny", kind: str = "flat", rerank: bool
         DenseIndex.build(vectors, data.load_corpus(), kind=kind, metadata=_dense_metadata(preset),
                          rerank=rerank, progress=progress, seed=preset.seed, **params).save(tmp)
 
-    return DenseIndex.load(artifacts.cached("corpus_index", recipe, build))
+    return DenseIndex.load(artifacts.cached("corpus_index", recipe, build), mmap=mmap)

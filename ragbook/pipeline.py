@@ -115,8 +115,11 @@ class RagModel(torch.nn.Module):
 
     @classmethod
     def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
-                    generator=None, tokenizer=None, index_kind: str = "flat") -> RagModel:
-        """Assemble the model from cached artifacts (built on first use)."""
+                    generator=None, tokenizer=None, index_kind: str = "flat",
+                    mmap: bool = False) -> RagModel:
+        """Assemble the model from cached artifacts (built on first use); ``mmap`` maps the
+        index and the document vectors instead of reading them (the ranks of a data-parallel
+        run on one machine then share one copy, ``train.train_rag``)."""
         from .generator import load_generator
         from .index import corpus_index
         from .retriever import BM25Retriever, load_encoders, passage_embeddings
@@ -135,7 +138,8 @@ class RagModel(torch.nn.Module):
         if retriever == "bm25":
             return cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
         return cls(preset, query_encoder, generator, tokenizer,
-                   corpus_index(preset, kind=index_kind), passage_embeddings(preset), bm25=bm25)
+                   corpus_index(preset, kind=index_kind, mmap=mmap),
+                   passage_embeddings(preset, mmap=mmap), bm25=bm25)
 
     def with_bm25(self, bm25) -> RagModel:
         """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
