@@ -22,7 +22,6 @@ returns what a one-shot IVF-PQ build with the same parameters returns.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -64,9 +63,13 @@ def _write_index(index: faiss.Index, path: Path) -> None:
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
+    """``np.save`` all or nothing (a temporary file renamed), without a copy in memory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim: int,
@@ -122,7 +125,7 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
         if block.exists():
             continue
         index = faiss.read_index(str(trained))
-        index.add_with_ids(np.load(shard), np.arange(start, end, dtype=np.int64))
+        index.add_with_ids(np.load(shard, mmap_mode="r"), np.arange(start, end, dtype=np.int64))
         _write_index(index, block)
         del index
 
@@ -138,7 +141,7 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
         np.lib.format.write_array_header_1_0(
             out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
         for f in shard_files:
-            out.write(np.load(f).tobytes())
+            out.write(np.load(f, mmap_mode="r").data)  # page by page, never a copy
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, directory / VECTORS_FILE)
