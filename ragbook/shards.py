@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .config import Preset
 
 IVFDATA_FILE, VECTORS_FILE, WORK_DIR = "index.ivfdata", "vectors.npy", ".shards"
+ADD_BATCH = 8_192  # vectors handed to FAISS's add at a time
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
@@ -124,8 +125,11 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
                                                disable=quiet), shard_files, block_files):
         if block.exists():
             continue
-        index = faiss.read_index(str(trained))
-        index.add_with_ids(np.load(shard, mmap_mode="r"), np.arange(start, end, dtype=np.int64))
+        index, rows = faiss.read_index(str(trained)), np.load(shard, mmap_mode="r")
+        for at in range(0, len(rows), ADD_BATCH):  # FAISS's buffers: one batch, not a shard
+            index.add_with_ids(rows[at:at + ADD_BATCH],
+                               np.arange(start + at, min(start + at + ADD_BATCH, end)))
+        del rows
         _write_index(index, block)
         del index
 
