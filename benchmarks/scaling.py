@@ -169,13 +169,16 @@ def train_bench(args) -> dict:
             port = s.getsockname()[1]
         result = Path(tempfile.mkstemp(suffix=".json")[1])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                   str(processes), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   __file__, "train-worker", "--steps", str(args.steps), "--batch-size",
-                   str(args.batch_size), "--result", str(result)]
-        subprocess.run(command, env=env, check=True)
-        runs.append(json.loads(result.read_text()))
-        result.unlink()
+        launcher = [sys.executable] if processes == 1 else [  # one: no launcher at all
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        try:
+            subprocess.run([*launcher, __file__, "train-worker", "--steps", str(args.steps),
+                            "--batch-size", str(args.batch_size), "--result", str(result)],
+                           env=env, check=True, timeout=900)
+            runs.append(json.loads(result.read_text()))
+        finally:
+            result.unlink()
         print(runs[-1])
     return {"runs": runs, "speedup": round(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"], 3),
             "cpus": os.cpu_count(), "load_average": os.getloadavg(),

@@ -110,8 +110,11 @@ class RagModel(torch.nn.Module):
         # training (dropout) when `answer` restores its own mode
         self.training = generator.training
         vectors = doc_vectors if doc_vectors is not None else np.zeros((0, 0), np.float32)
-        self.register_buffer("doc_vectors", torch.from_numpy(np.ascontiguousarray(vectors)),
-                             persistent=False)
+        if isinstance(vectors, np.memmap):  # mapped d(z) stay on the CPU, shared by processes:
+            self.doc_vectors = torch.from_numpy(vectors)  # only the top-k rows go to the device
+        else:
+            self.register_buffer("doc_vectors", torch.from_numpy(np.ascontiguousarray(vectors)),
+                                 persistent=False)
 
     @classmethod
     def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
