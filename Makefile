@@ -41,3 +41,12 @@ notebooks: $(VENV)/.installed    ## re-execute every notebook in place (refreshe
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+.PHONY: colab dist
+
+colab: $(VENV)/.installed        ## the notebooks' Colab badge and setup cell, from pyproject.toml
+	$(BIN)/python notebooks/colab.py
+
+dist: $(VENV)/.installed         ## the release: dist/ragbook-<version>-py3-none-any.whl and the sdist
+	rm -rf build dist
+	$(BIN)/python -m build --outdir dist .

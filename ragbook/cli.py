@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import data
-from .config import PRESETS, RETRIEVERS
+from .config import PRESETS, RETRIEVERS, check_device, default_device
 from .index import INDEX_RETRIEVERS, KINDS
 
 
@@ -70,14 +70,10 @@ def _positive_float(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    import torch
-
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("no CUDA GPU on this machine; use --device cpu")
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -175,6 +171,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .config import get_preset
     from .index import build_index
 
     out = _writable_dir(args.out, "--out")
@@ -182,15 +179,16 @@ def cmd_index(args: argparse.Namespace) -> int:
                                         or args.retriever != "dense"):
         raise data.DataError("--shard-size N (N ≥ 1) builds a dense ivfpq index: add "
                              "--index-type ivfpq (and no --retriever bm25/fusion)")
+    preset = get_preset(args.preset)  # its checkpoints, checked before the corpus is read
     passages = data.load_corpus() if args.corpus == "builtin" else data.load_passages(args.corpus)
     print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
     if args.shard_size is not None:  # streamed: shards on disk, merged into one IVF-PQ
         from .shards import build_sharded_index
 
-        index = build_sharded_index(passages, out, args.shard_size, args.preset)
+        index = build_sharded_index(passages, out, args.shard_size, preset)
         built = f"on-disk ivfpq index from shards of {args.shard_size:,} ({index.dim} dims)"
     else:
-        built = build_index(passages, out, args.retriever, args.preset, args.index_type)
+        built = build_index(passages, out, args.retriever, preset, args.index_type)
     print(f"{built} of {len(passages):,} passages -> {out}")
     return 0
 
@@ -229,6 +227,27 @@ def cmd_search(args: argparse.Namespace) -> int:
                 text = h["text"] if len(h["text"]) <= 160 else h["text"][:157] + "..."
                 print(f"  {rank:>2}. {h['score']:8.4f}  [{h['title']}] {text}")
             print()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import get_preset
+    from .export import checkpoint_model, export_rag, reproduced_model
+
+    out = _writable_dir(args.out, "--out")
+    if args.checkpoint:
+        model, about = checkpoint_model(args.checkpoint, get_preset(args.preset))
+    else:
+        get_preset(args.preset)  # its checkpoints, checked before any training
+        print("Loading reproduce's jointly trained model (trained and cached on first use)…",
+              file=sys.stderr)
+        model, about = reproduced_model(args.model, args.preset, args.steps, args.runs_dir)
+    notes = export_rag(model, out, args.model, about)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    parts = ["generator/", "query_encoder/", "passages/", "passages.faiss",
+             *(["rag/"] if not notes else []), "README.md"]
+    print(f"RAG-{args.model.capitalize()} exported -> {out}: {', '.join(parts)}")
     return 0
 
 
@@ -318,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("--steps", count), ("--batch-size", count), ("--seq-len", _at_least(3)),
                        ("--lr", _positive_float), ("--warmup", _at_least(0)), ("--seed", int)):
         p.add_argument(flag, type=kind, help=recipe)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_device,
+                   help="cpu or cuda (default: $RAGBOOK_DEVICE, else CUDA when there is a GPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 matrix products where the device has them (a GPU, or a CPU with "
                    "AVX512-BF16 or AMX; faster steps there), fp32 elsewhere " + recipe)
@@ -362,6 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=count, default=64, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_search, on_interrupt="stopped")
+
+    p = sub.add_parser(
+        "export", help="write a trained RAG model in the formats the ecosystem loads",
+        description="Write the generator (a BART checkpoint), the query encoder "
+        "(sentence-transformers for MiniLM, DPRQuestionEncoder for DPR), the passages (a "
+        "datasets dataset and a FAISS index), for DPR-shaped models a transformers RAG "
+        "checkpoint with its RagRetriever, and a model card (README.md).")
+    p.add_argument("--model", choices=("token", "sequence"), default="token",
+                   help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
+    p.add_argument("--out", required=True, help="directory to write the export into")
+    p.add_argument("--checkpoint", help="a directory with generator/ and query_encoder/ "
+                   "(default: reproduce's jointly trained model)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="the preset the model was trained with")
+    p.add_argument("--steps", type=count, default=defaults.rag_steps,
+                   help="joint fine-tuning steps (reproduce's model by default)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where reproduce's results are read for the model card")
+    p.set_defaults(func=cmd_export, on_interrupt=f"nothing was exported; {RESUME}")
     return parser
 
 
@@ -377,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed in one line
         return e.code if isinstance(e.code, int) else 0
+    try:
+        default_device()  # a bad RAGBOOK_DEVICE ends here, before any long work
+    except ValueError as e:
+        return _error(e)
     try:
         return args.func(args)
     except data.DataError as e:

@@ -53,8 +53,13 @@ def minilm_path() -> str:
 
 def resolve_model(name: str) -> str:
     """Where to load checkpoint ``name`` from: the packaged MiniLM, else the name itself
-    (a local directory or a hub id)."""
-    return minilm_path() if name == MINILM else name
+    (a local directory or a hub id; :class:`HubUnavailable` if it is neither here nor
+    reachable)."""
+    if name == MINILM:
+        return minilm_path()
+    if not _is_local(name) and not hub_reachable():
+        raise unavailable([name], "checkpoint")
+    return name
 
 
 def _tiny() -> Preset:
@@ -80,10 +85,104 @@ PRESETS = {"tiny": _tiny, "paper": _paper}
 
 
 def get_preset(name: str = "tiny", **overrides) -> Preset:
-    """Return preset ``name`` ("tiny" or "paper") with any field overridden by keyword."""
+    """Return preset ``name`` ("tiny" or "paper") with any field overridden by keyword.
+
+    Every checkpoint the preset names is checked to be loadable now (:func:`check_checkpoints`),
+    so that a preset whose weights cannot be had fails at once, in one sentence, not minutes
+    later inside transformers.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name](), **overrides)
+    preset = replace(PRESETS[name](), **overrides)
+    check_checkpoints(preset)
+    return preset
+
+
+class HubUnavailable(OSError):
+    """A checkpoint or dataset is neither on this machine nor reachable on the Hugging Face hub;
+    the message says what is needed and how to provide it. (``ragbook.cli`` prints it as one
+    line.)"""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: not with ``HF_HUB_OFFLINE=1``, else a TCP
+    connection to its endpoint within ``timeout`` seconds. (transformers itself retries an
+    unreachable hub for minutes before it gives up.)"""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _is_local(name: str) -> bool:
+    """A checkpoint on this machine: a directory, or a hub id already in the hub's cache."""
+    if Path(name).expanduser().is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:  # not a hub id either (a mistyped path)
+        return False
+
+
+def unavailable(missing: list[str], what: str = "checkpoint") -> HubUnavailable:
+    """The error for hub ids (checkpoints, or a dataset) that cannot be had here, naming the
+    ways to provide them."""
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    local = ("a directory written by save_to_disk in its place" if what == "dataset" else
+             "local directories in their place, get_preset('paper', query_encoder=DIR, "
+             "doc_encoder=DIR, generator=DIR), written by save_pretrained or by "
+             "`hf download ID --local-dir DIR` on a machine with the hub")
+    return HubUnavailable(
+        f"the {what}{'s' if len(missing) > 1 else ''} {' and '.join(missing)} cannot be "
+        f"loaded: not on this machine, and the Hugging Face hub is out of reach{offline}. "
+        f"Connect to the hub (downloaded once, then cached), or give {local}, or fill the "
+        "hub's cache on a connected machine and set HF_HUB_OFFLINE=1")
+
+
+def check_checkpoints(preset: Preset) -> None:
+    """Raise :class:`HubUnavailable` unless every checkpoint of ``preset`` is a local
+    directory, is in the hub's cache, or the hub is reachable."""
+    names = dict.fromkeys((preset.query_encoder, preset.doc_encoder, preset.generator))
+    missing = [n for n in names if n not in (MINILM, "tiny") and not _is_local(n)]
+    if missing and not hub_reachable():
+        raise unavailable(missing)
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:1`` …) as a device this machine has; else
+    ``ValueError``, one line that says what to give instead."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r} asks for a GPU, but this machine has no CUDA GPU; use cpu")
+    return device
+
+
+def default_device() -> torch.device:
+    """Where ragbook computes: ``$RAGBOOK_DEVICE`` if set, else the CUDA GPU when there is
+    one, else the CPU. Every command and notebook asks here (:func:`check_device` refuses a
+    bad setting)."""
+    wanted = os.environ.get("RAGBOOK_DEVICE", "").strip()
+    if wanted:
+        try:
+            return check_device(wanted)
+        except ValueError as e:
+            raise ValueError(f"RAGBOOK_DEVICE={e}") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def bf16_supported(device: torch.device | str) -> bool:

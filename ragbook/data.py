@@ -394,6 +394,76 @@ def load_passages(source: str | Path | Dataset) -> list[Passage]:
     ]
 
 
+# The paper's own data: Natural Questions (nq_open) and Wikipedia in wiki_dpr's passages.
+
+NQ_OPEN = "google-research-datasets/nq_open"  # the hub id of nq_open: {question, answer}
+
+
+def _hub_dataset(source: str | Path, split: str) -> Dataset:
+    """Split ``split`` of a dataset: a directory written by ``save_to_disk`` (a Dataset, or a
+    DatasetDict holding ``split``), else a hub id, which fails at once, in one sentence
+    (``config.HubUnavailable``), when the hub is out of reach and the dataset is not cached."""
+    import datasets
+    from huggingface_hub import constants
+
+    from .config import hub_reachable, unavailable
+
+    if Path(source).expanduser().is_dir():
+        found = datasets.load_from_disk(str(source))
+        if isinstance(found, datasets.DatasetDict):
+            if split not in found:
+                raise DataError(f"{source}: no split {split!r}; it has {sorted(found)}")
+            found = found[split]
+        return found
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise unavailable([str(source)], "dataset")
+    try:
+        return datasets.load_dataset(str(source), split=split)
+    except (ConnectionError, FileNotFoundError) as e:  # offline and not in the cache
+        raise unavailable([str(source)], "dataset") from e
+
+
+def load_nq_open(split: str = "validation", source: str | Path = NQ_OPEN) -> list[Example]:
+    """Natural Questions in its open-domain form (Lee et al. 2019), the paper's NQ (Table 1):
+    ``train`` (87,925 questions) or ``validation`` (3,610, the test set the paper reports on).
+
+    ``source``: the hub id (downloaded once, a few MB), or a directory written by
+    ``save_to_disk`` of it — a Dataset or a DatasetDict of splits — for a machine without the hub.
+    """
+    return load_examples(_hub_dataset(source, split))
+
+
+def load_wiki_dpr(source: str | Path, n_passages: int | None = None) -> list[Passage]:
+    """The paper's non-parametric memory in ``wiki_dpr``'s format: Wikipedia (December 2018)
+    cut into disjoint 100-word passages ``{id, text, title}`` (21M of them); the first
+    ``n_passages`` (None: all), a size the learner chooses.
+
+    ``source``: DPR's ``psgs_w100.tsv`` (a header ``id text title``, tab-separated), a
+    directory written by ``save_to_disk`` of ``wiki_dpr`` (its ``embeddings`` column, if any,
+    is not read: the preset's BERT_d encodes the passages), or any :func:`load_passages` input.
+    """
+    path = Path(source).expanduser()
+    if path.suffix == ".tsv":
+        import csv
+        import itertools
+
+        with open(_require_file(path), encoding="utf-8", newline="") as f:
+            rows = csv.DictReader(f, delimiter="\t")
+            if not {"id", "text", "title"} <= set(rows.fieldnames or ()):
+                raise DataError(f"{path}: expected a header line 'id<TAB>text<TAB>title' "
+                                "(DPR's psgs_w100.tsv)")
+            records = [(f"{path}:{n + 2}", row)
+                       for n, row in enumerate(itertools.islice(rows, n_passages))]
+        return _passages(records, str(path))
+    if path.is_dir() and _is_saved_dataset(path):
+        dataset = _hub_dataset(path, "train")
+        if n_passages is not None:
+            dataset = dataset.select(range(min(n_passages, len(dataset))))
+        return load_passages(dataset.select_columns(
+            [c for c in ("id", "title", "text") if c in dataset.column_names]))
+    return load_passages(path)[:n_passages]
+
+
 def _answers(value, place: str) -> list[str]:
     """The accepted answers in a string, a list of strings, Hugging Face squad's
     ``{"text": [...]}`` or trivia_qa's ``{"value", "aliases"}``."""

@@ -12,12 +12,14 @@ and decode the closed-book baseline exactly as the RAG models (:class:`ClosedBoo
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import Example, Passage
@@ -50,15 +52,42 @@ def is_hit(passage: Passage, example: Example) -> bool:
     return any(normalize_answer(a) and normalize_answer(a) in text for a in example.answers)
 
 
+def hits_at_k(retrieved: Sequence[Sequence[Passage]], examples: Sequence[Example],
+              ks: Sequence[int] = (1, 5, 20)) -> dict[int, np.ndarray]:
+    """For each k, one boolean per question: a supporting passage among its top k (recall@k
+    is their mean; per question, two retrievers compare on the same questions, paired)."""
+    first_hit = np.array([next((r for r, p in enumerate(passages) if is_hit(p, example)),
+                               len(passages) + max(ks))
+                          for passages, example in zip(retrieved, examples, strict=True)])
+    return {k: first_hit < k for k in ks}
+
+
 def recall_at_k(retrieved: Sequence[Sequence[Passage]], examples: Sequence[Example],
                 ks: Sequence[int] = (1, 5, 20)) -> dict[int, float]:
     """Fraction of questions with a supporting passage among the top k, for each k."""
-    first_hit = []
-    for passages, example in zip(retrieved, examples, strict=True):
-        rank = next((r for r, p in enumerate(passages) if is_hit(p, example)), None)
-        first_hit.append(rank)
-    n = max(1, len(first_hit))
-    return {k: sum(r is not None and r < k for r in first_hit) / n for k in ks}
+    return {k: float(h.mean()) if len(h) else 0.0
+            for k, h in hits_at_k(retrieved, examples, ks).items()}
+
+
+def standard_error(p: float, n: int) -> float:
+    """The standard error of a proportion ``p`` measured on ``n`` questions, √(p(1−p)/n)."""
+    return math.sqrt(p * (1 - p) / max(1, n))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of a − b over the same questions (per-question scores, e.g. 0/1 hits) and the
+    standard error of that mean. Paired, it is narrower than two proportions' errors: both
+    systems answer the same questions, and most questions are easy or hard for both."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> str:
+    """">" or "<" when a and b differ by more than twice the paired standard error of their
+    difference (:func:`paired_difference`), "≈" inside it — the line between a finding and
+    noise used throughout the course."""
+    d, se = paired_difference(a, b)
+    return "≈" if abs(d) <= 2 * se else (">" if d > 0 else "<")
 
 
 def bleu1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -202,21 +231,35 @@ def evaluate_labels(model, examples: Sequence[Example], labels: Sequence[str],
              "n": len(examples)}, predictions)
 
 
+def retrieved_passages(model, examples: Sequence[Example], k: int,
+                       batch_size: int = 64) -> list[list[Passage]]:
+    """The top-k passages of every question, retrieved in batches."""
+    return [ps for i in range(0, len(examples), batch_size)
+            for ps in model.retrieve([e.question for e in examples[i:i + batch_size]],
+                                     k).passages]
+
+
+def retrieval_hits(model, examples: Sequence[Example], ks: Sequence[int] = (1, 5, 20),
+                   batch_size: int = 64) -> dict[int, np.ndarray]:
+    """Per question and k: is a supporting passage in the model's top k (:func:`hits_at_k`)?"""
+    return hits_at_k(retrieved_passages(model, examples, max(ks), batch_size), examples, ks)
+
+
 def retrieval_recall(model, examples: Sequence[Example], ks: Sequence[int] = (1, 5, 20),
                      batch_size: int = 64) -> dict[int, float]:
     """recall@k of a model's retriever (dense with its current query encoder, or BM25)."""
-    retrieved = []
-    for i in range(0, len(examples), batch_size):
-        questions = [e.question for e in examples[i:i + batch_size]]
-        retrieved += model.retrieve(questions, max(ks)).passages
-    return recall_at_k(retrieved, examples, ks)
+    return recall_at_k(retrieved_passages(model, examples, max(ks), batch_size), examples, ks)
+
+
+def top1_title_hits(model, examples: Sequence[Example]) -> np.ndarray:
+    """Per question, the EM of answering with the title of the top-1 passage."""
+    return np.array([exact_match(ps[0].title, e.answers)
+                     for ps, e in zip(retrieved_passages(model, examples, 1), examples)])
 
 
 def top1_title_baseline(model, examples: Sequence[Example]) -> float:
     """EM of answering with the title of the top-1 passage: what RAG must beat."""
-    top1 = [r[0] for i in range(0, len(examples), 64)
-            for r in model.retrieve([e.question for e in examples[i:i + 64]], 1).passages]
-    return sum(exact_match(p.title, e.answers) for p, e in zip(top1, examples)) / len(examples)
+    return float(top1_title_hits(model, examples).mean())
 
 
 def k_sweep(model, examples: Sequence[Example], ks: Sequence[int] = (1, 2, 5, 10, 20, 50),
@@ -341,6 +384,15 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
             "misses": [{"question": s.question, "new": s.answers[0], "answer": a.prediction,
                         "edited_rank": _rank(s.answers[0], a.provenance)}
                        for s, a in zip(swapped, after) if not a.em]}
+
+
+def miss_kinds(hot_swap_result: dict) -> Counter:
+    """Why the facts a hot-swap did not follow were missed, by where the edited passage stood
+    (:func:`hot_swap`'s ``misses``): "not retrieved" (a retrieval miss), "first, but the answer
+    miscopied" (the generator's), or "retrieved, outranked" (the posterior preferred another)."""
+    return Counter("not retrieved" if m["edited_rank"] is None else
+                   "first, but the answer miscopied" if m["edited_rank"] == 1 else
+                   "retrieved, outranked" for m in hot_swap_result["misses"])
 
 
 def _rank(title: str, provenance: list[dict]) -> int | None:

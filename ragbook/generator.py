@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import Preset, quiet_loading
+from .config import Preset, default_device, quiet_loading, resolve_model
 from .data import Example, Passage
 
 SHIPPED = Path(__file__).parent / "weights" / "tiny-bart"
@@ -92,18 +92,19 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase, d_model: int = 256, layers: 
     )
 
 
-def load_generator(name: str = "tiny", device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)``: ``"tiny"`` is the shipped BART, else a path or hub id."""
+def load_generator(name: str = "tiny", device: str | torch.device | None = None):
+    """Return ``(model, tokenizer)``: ``"tiny"`` is the shipped BART, else a path or hub id;
+    on ``device`` (default :func:`~ragbook.config.default_device`)."""
     from transformers import AutoTokenizer
 
-    path = SHIPPED if name == "tiny" else name
+    path = SHIPPED if name == "tiny" else resolve_model(name)  # fails fast with no hub
     if name == "tiny" and not (SHIPPED / "config.json").exists():
         raise FileNotFoundError(
             f"{SHIPPED} holds no generator; rebuild it with `ragbook pretrain --out {SHIPPED}`")
     with quiet_loading():
         tokenizer = _fix_decoding(AutoTokenizer.from_pretrained(path))
         model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    return model.to(device), tokenizer
+    return model.to(device or default_device()), tokenizer
 
 
 def format_input(passage: Passage | None, question: str) -> str:
@@ -198,7 +199,10 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
     ``input_ids``/``attention_mask``: (batch·k, S), the k inputs of each question consecutive;
     ``labels``: (batch, T). Returns (batch, k, T) in one batched forward pass. Positions past a
     target's end hold the log-probability of the pad token: mask them with ``target_mask``.
+    The tensors may come from the CPU (``encode_inputs``): they are moved to the model's device.
     """
+    device = model.device
+    input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
     batch, n_docs = labels.shape[0], input_ids.shape[0] // labels.shape[0]
     if batch * n_docs != input_ids.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} inputs for {batch} targets: expected k inputs "

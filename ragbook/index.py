@@ -552,26 +552,29 @@ def open_index(directory: str | Path) -> DenseRetriever | BM25Retriever | Fusion
 
 
 def corpus_index(preset: Preset | str = "tiny", kind: str = "flat", rerank: bool = True,
-                 progress: bool = True, mmap: bool = False, **params: int) -> DenseIndex:
-    """The built-in corpus's index for ``preset``: a cached recipe (``ragbook.artifacts``),
-    built on first use from ``retriever.passage_embeddings(preset)`` (aligned with
-    ``data.load_corpus()``), then loaded (memory-mapped with ``mmap``: processes on one
-    machine, say the ranks of a data-parallel run, then share its pages)."""
+                 progress: bool = True, passages: Sequence[Passage] | None = None,
+                 mmap: bool = False, **params: int) -> DenseIndex:
+    """The index of ``passages`` (default: the built-in corpus, ``data.load_corpus()``) for
+    ``preset``: a cached recipe (``ragbook.artifacts``), built on first use from
+    ``retriever.passage_embeddings(preset, passages)``, then loaded (memory-mapped with
+    ``mmap``: processes on one machine, say the ranks of a data-parallel run, share its
+    pages)."""
     from . import artifacts, data, retriever
     from .config import get_preset
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    passages = data.load_corpus() if passages is None else list(passages)
     recipe = {"doc_encoder": preset.doc_encoder, "query_encoder": preset.query_encoder,
               "pooling": preset.pooling, "normalize": preset.normalize,
               "max_passage_length": preset.max_passage_length,
               "passage_format": retriever.PASSAGE_FORMAT,
-              "corpus": corpus_fingerprint(data.load_corpus()), "seed": preset.seed,
+              "corpus": corpus_fingerprint(passages), "seed": preset.seed,
               "kind": kind, "rerank": rerank and kind == "ivfpq", "params": params,
               "format": FORMAT}
 
     def build(tmp: Path) -> None:
-        vectors = retriever.passage_embeddings(preset)
-        DenseIndex.build(vectors, data.load_corpus(), kind=kind, metadata=_dense_metadata(preset),
+        vectors = retriever.passage_embeddings(preset, passages, progress=progress)
+        DenseIndex.build(vectors, passages, kind=kind, metadata=_dense_metadata(preset),
                          rerank=rerank, progress=progress, seed=preset.seed, **params).save(tmp)
 
     return DenseIndex.load(artifacts.cached("corpus_index", recipe, build), mmap=mmap)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import rag
-from .config import RETRIEVERS, Preset
+from .config import RETRIEVERS, Preset, default_device
 from .data import Example, Passage
 from .generator import encode_inputs, encode_targets, token_logprobs
 
@@ -87,6 +87,35 @@ class Retrieved:
     doc_scores: Tensor
 
 
+@dataclass
+class GoldTable:
+    """The inputs of Eq. 1 / Eq. 2 for a batch of gold answers (:meth:`RagModel.gold_table`):
+    ``token_logprobs`` (batch, k, T), ``target_mask`` (batch, T), ``doc_scores`` (batch, k)
+    and the retrieved ``passages``."""
+
+    token_logprobs: Tensor
+    target_mask: Tensor
+    doc_scores: Tensor
+    passages: list[list[Passage]]
+
+    def losses(self) -> tuple[Tensor, Tensor]:
+        """−log p(y|x) under Eq. 1 and under Eq. 2, on this one table."""
+        args = (self.token_logprobs, self.target_mask, self.doc_scores)
+        return rag.rag_sequence_loss(*args), rag.rag_token_loss(*args)
+
+
+@dataclass
+class Generated:
+    """One decoded answer (:class:`ragbook.rag.Answer`: text, score, token ids, posteriors)
+    beside what it was generated from: the question, the retrieved passages and their
+    retrieval logits ``doc_scores`` (k,), softmax of which is the prior p_η(z|x)."""
+
+    question: str
+    passages: list[Passage]
+    doc_scores: Tensor
+    answer: rag.Answer
+
+
 class RagModel(torch.nn.Module):
     """p(y|x) = marginal over the top-k passages z of p_η(z|x) · p_θ(y|x,z)."""
 
@@ -119,30 +148,33 @@ class RagModel(torch.nn.Module):
     @classmethod
     def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
                     generator=None, tokenizer=None, index_kind: str = "flat",
+                    passages: Sequence[Passage] | None = None,
                     mmap: bool = False) -> RagModel:
-        """Assemble the model from cached artifacts (built on first use); ``mmap`` maps the
-        index and the document vectors instead of reading them (the ranks of a data-parallel
-        run on one machine then share one copy, ``train.train_rag``)."""
+        """Assemble the model from cached artifacts (built on first use) over ``passages``
+        (default: the built-in corpus; e.g. ``data.load_wiki_dpr(...)`` for the paper's), on
+        :func:`~ragbook.config.default_device`. ``mmap`` maps the index and the document
+        vectors instead of reading them (the ranks of a data-parallel run on one machine then
+        share one copy, ``train.train_rag``)."""
+        from .data import load_corpus
         from .generator import load_generator
         from .index import corpus_index
         from .retriever import BM25Retriever, load_encoders, passage_embeddings
 
+        passages = load_corpus() if passages is None else list(passages)
         if query_encoder is None:
             query_encoder = load_encoders(preset)[0]
         if generator is None:
             generator, tokenizer = load_generator(preset.generator)
         if retriever not in RETRIEVERS:
             raise ValueError(f"unknown retriever {retriever!r}; choose one of {RETRIEVERS}")
-        bm25 = None
-        if retriever != "dense":
-            from .data import load_corpus
-
-            bm25 = BM25Retriever(load_corpus())
+        bm25 = None if retriever == "dense" else BM25Retriever(passages)
         if retriever == "bm25":
-            return cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
-        return cls(preset, query_encoder, generator, tokenizer,
-                   corpus_index(preset, kind=index_kind, mmap=mmap),
-                   passage_embeddings(preset, mmap=mmap), bm25=bm25)
+            model = cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
+        else:
+            model = cls(preset, query_encoder, generator, tokenizer,
+                        corpus_index(preset, kind=index_kind, passages=passages, mmap=mmap),
+                        passage_embeddings(preset, passages, mmap=mmap), bm25=bm25)
+        return model.to(default_device())
 
     def with_bm25(self, bm25) -> RagModel:
         """This model with another sparse half — a BM25Retriever for the hybrid prior, None for
@@ -219,12 +251,12 @@ class RagModel(torch.nn.Module):
         batch = encode_inputs(self.tokenizer, flat, repeated, self.preset.max_source_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def loss(self, examples: Sequence[Example], marginalization: str = "token",
-             n_docs: int | None = None, train_retriever: bool = True) -> Tensor:
-        """−log p(y|x) for each example (batch,), Eq. 1 or Eq. 2 over the top-k passages."""
-        if marginalization not in MARGINALIZATIONS:
-            raise ValueError(f"unknown marginalization {marginalization!r}; "
-                             f"choose one of {sorted(MARGINALIZATIONS)}")
+    def gold_table(self, examples: Sequence[Example], n_docs: int | None = None,
+                   train_retriever: bool = False) -> GoldTable:
+        """What Eq. 1 and Eq. 2 are computed from, for each example's first gold answer: the
+        (batch, k, T) table of log p_θ(y_i | x, z, y_<i) over the top-k passages, the answer
+        tokens' mask and the retrieval logits. Gradients reach the generator, and the query
+        encoder if ``train_retriever`` (joint training)."""
         questions = [e.question for e in examples]
         found = self.retrieve(questions, n_docs, grad=train_retriever)
         inputs = self.generator_inputs(questions, found.passages)
@@ -232,16 +264,28 @@ class RagModel(torch.nn.Module):
                                  self.preset.max_target_length)
         logprobs = token_logprobs(self.generator, inputs["input_ids"], inputs["attention_mask"],
                                   targets["labels"].to(self.device))
-        return MARGINALIZATIONS[marginalization](
-            logprobs, targets["target_mask"].to(self.device), found.doc_scores)
+        return GoldTable(logprobs, targets["target_mask"].to(self.device), found.doc_scores,
+                         found.passages)
+
+    def loss(self, examples: Sequence[Example], marginalization: str = "token",
+             n_docs: int | None = None, train_retriever: bool = True) -> Tensor:
+        """−log p(y|x) for each example (batch,), Eq. 1 or Eq. 2 over the top-k passages."""
+        if marginalization not in MARGINALIZATIONS:
+            raise ValueError(f"unknown marginalization {marginalization!r}; "
+                             f"choose one of {sorted(MARGINALIZATIONS)}")
+        table = self.gold_table(examples, n_docs, train_retriever)
+        return MARGINALIZATIONS[marginalization](table.token_logprobs, table.target_mask,
+                                                 table.doc_scores)
 
     @torch.no_grad()
-    def answer(self, questions: Sequence[str], answers: Sequence[Sequence[str]] | None = None,
-               marginalization: str = "token", n_docs: int | None = None, num_beams: int = 1,
-               decoding: str = "thorough", batch_size: int = 16,
-               progress: bool = False) -> list[Prediction]:
-        """Generate an answer for each question, with its provenance: the retrieved passages
-        and their posterior p(z | x, y) under the generated answer."""
+    def generate(self, questions: Sequence[str], marginalization: str = "token",
+                 n_docs: int | None = None, num_beams: int = 1, decoding: str = "thorough",
+                 batch_size: int = 16, uniform_prior: bool = False,
+                 progress: bool = False) -> list[Generated]:
+        """Decode an answer for each question, batch by batch: retrieve, format, then RAG-Token
+        beam search (Eq. 2) or RAG-Sequence's Thorough / Fast decoding (Eq. 1), at most
+        ``max_target_length`` tokens, as ``loss`` cuts a target. ``uniform_prior``: the same
+        passages with p_η(z|x) = 1/k (what the retrieval scores add, notebook 04)."""
         from tqdm.auto import tqdm
 
         if marginalization not in MARGINALIZATIONS:
@@ -254,22 +298,30 @@ class RagModel(torch.nn.Module):
                           desc=f"RAG-{marginalization.capitalize()}"):
             qs = list(questions[start:start + batch_size])
             found = self.retrieve(qs, n_docs)
+            scores = found.doc_scores
+            if uniform_prior:  # slots with no passage (−inf) stay empty
+                scores = torch.where(scores.isfinite(), 0.0, -torch.inf)
             inputs = self.generator_inputs(qs, found.passages)
-            max_length = self.preset.max_target_length  # as `loss` cuts a target
-            if marginalization == "token":
-                results = rag.rag_token_generate(
-                    self.generator, self.tokenizer, inputs["input_ids"],
-                    inputs["attention_mask"], found.doc_scores, num_beams=num_beams,
-                    max_length=max_length)
-            else:
-                results = rag.rag_sequence_generate(
-                    self.generator, self.tokenizer, inputs["input_ids"],
-                    inputs["attention_mask"], found.doc_scores, num_beams=num_beams,
-                    max_length=max_length, method=decoding)
-            for i, (q, result) in enumerate(zip(qs, results)):
-                gold = list(answers[start + i]) if answers is not None else []
-                provenance = [{"id": p.id, "title": p.title, "posterior": float(w)}
-                              for p, w in zip(found.passages[i], result.doc_posterior)]
-                out.append(Prediction(q, result.text, gold, provenance))
+            args = (self.generator, self.tokenizer, inputs["input_ids"],
+                    inputs["attention_mask"], scores)
+            limits = {"num_beams": num_beams, "max_length": self.preset.max_target_length}
+            results = (rag.rag_token_generate(*args, **limits) if marginalization == "token"
+                       else rag.rag_sequence_generate(*args, **limits, method=decoding))
+            out += [Generated(q, ps, s.cpu(), a)
+                    for q, ps, s, a in zip(qs, found.passages, scores, results)]
         self.train(was_training)
         return out
+
+    def answer(self, questions: Sequence[str], answers: Sequence[Sequence[str]] | None = None,
+               marginalization: str = "token", n_docs: int | None = None, num_beams: int = 1,
+               decoding: str = "thorough", batch_size: int = 16,
+               progress: bool = False) -> list[Prediction]:
+        """Generate an answer for each question (:meth:`generate`), with its provenance: the
+        retrieved passages and their posterior p(z | x, y) under the generated answer."""
+        generated = self.generate(questions, marginalization, n_docs, num_beams, decoding,
+                                  batch_size, progress=progress)
+        return [Prediction(g.question, g.answer.text,
+                           list(answers[i]) if answers is not None else [],
+                           [{"id": p.id, "title": p.title, "posterior": float(w)}
+                            for p, w in zip(g.passages, g.answer.doc_posterior)])
+                for i, g in enumerate(generated)]

@@ -115,6 +115,14 @@ def doc_posterior(token_logprobs: Tensor, target_mask: Tensor, doc_scores: Tenso
     return (prior + sequence_logprobs(token_logprobs, target_mask)).softmax(dim=-1)
 
 
+def posterior_departure(token_posterior: Tensor, doc_scores: Tensor) -> Tensor:
+    """How far each token's posterior p(z | x, y_i, y_<i) (k, T) has moved from the prior
+    p_η(z|x) (from ``doc_scores``, (k,)): the total variation ½ Σ_z |posterior − prior|, one
+    value per token, in [0, 1] (notebook 05: which answer tokens were decided by a document)."""
+    prior = log_prior(doc_scores).exp().to(token_posterior)
+    return 0.5 * (token_posterior - prior[:, None]).abs().sum(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .artifacts import cached
-from .config import Preset, autocast, bf16_supported, quiet_loading, resolve_model
+from .config import Preset, autocast, bf16_supported, default_device, quiet_loading, resolve_model
 from .data import Example, Passage, SearchResult, corpus_fingerprint, load_corpus, load_task
 
 LINEAGE_FILE = "ragbook_encoder.json"
@@ -58,7 +58,8 @@ class Encoder(torch.nn.Module):
 
     DPR checkpoints (``model_type == "dpr"``) load as ``DPRQuestionEncoder`` or
     ``DPRContextEncoder``; their [CLS] vector is the model's ``pooler_output`` (which includes
-    DPR's optional projection). Anything else loads with ``AutoModel``.
+    DPR's optional projection). Anything else loads with ``AutoModel``. The encoder starts on
+    :func:`~ragbook.config.default_device`.
     """
 
     def __init__(self, name: str, pooling: str = "mean", normalize: bool = False,
@@ -86,7 +87,7 @@ class Encoder(torch.nn.Module):
             else:
                 self.model = AutoModel.from_pretrained(path)
                 self.dim = config.hidden_size
-        self.eval()  # dropout off until a training loop says otherwise
+        self.to(default_device()).eval()  # dropout off until a training loop says otherwise
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -215,12 +216,12 @@ def passage_embeddings(preset: Preset, passages: Sequence[Passage] | None = None
 
     Returns (N, dim) float32. Encoding the corpus takes minutes on a CPU (benchmarks/README.md),
     so the matrix is built once per (document encoder, pooling, normalisation, max length,
-    corpus) and cached under ``$RAGBOOK_CACHE/passage_embeddings`` (on a GPU when there is one;
+    corpus) and cached under ``$RAGBOOK_CACHE/passage_embeddings`` (on ``default_device()``;
     in bf16 where the device runs it natively, :meth:`Encoder.encode_passages`). ``mmap``
     maps the file copy-on-write instead of reading it: processes on one machine share it.
     """
     passages = load_corpus() if passages is None else list(passages)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     params = {"encoder": preset.doc_encoder, "pooling": preset.pooling,
               "normalize": preset.normalize, "max_length": preset.max_passage_length,
               "format": PASSAGE_FORMAT, "corpus": corpus_fingerprint(passages),
@@ -228,8 +229,7 @@ def passage_embeddings(preset: Preset, passages: Sequence[Passage] | None = None
 
     def build(tmp: Path) -> None:
         encoder = Encoder(preset.doc_encoder, preset.pooling, preset.normalize,
-                          preset.max_passage_length)
-        encoder.to(device)  # Colab: the paper preset's BERT-base wants a GPU
+                          preset.max_passage_length)  # on `device` (Colab: BERT-base wants a GPU)
         np.save(tmp / "embeddings.npy",
                 encoder.encode_passages(passages, batch_size=batch_size, progress=progress))
 
@@ -382,8 +382,6 @@ def trained_query_encoder(preset: Preset, steps: int = 300, batch_size: int = 32
     def build(tmp: Path) -> None:
         query_encoder = Encoder(preset.query_encoder, preset.pooling, preset.normalize,
                                 preset.max_query_length)
-        if torch.cuda.is_available():
-            query_encoder.cuda()
         history = train_query_encoder(
             query_encoder, load_task(task, "train", seed=preset.seed), corpus, steps=steps,
             batch_size=batch_size, lr=lr, scale=preset.score_scale,

@@ -181,15 +181,12 @@ def build_sharded_index(passages: Sequence[Passage], directory: str | Path, shar
                         preset: Preset | str = "tiny", progress: bool = True) -> DenseIndex:
     """``ragbook index --shard-size N``: :func:`streamed_index` of ``passages`` encoded by
     the preset's BERT_d, ``shard_size`` passages at a time; ``open_index`` reads the result."""
-    import torch
-
     from .config import get_preset
     from .retriever import Encoder
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     encoder = Encoder(preset.doc_encoder, preset.pooling, preset.normalize,
-                      preset.max_passage_length)
-    encoder.to("cuda" if torch.cuda.is_available() else "cpu")
+                      preset.max_passage_length)  # on config.default_device()
     return streamed_index(lambda s, e: encoder.encode_passages(passages[s:e], progress=False),
                           passages, encoder.dim, directory, shard_size,
                           _dense_metadata(preset), seed=preset.seed, progress=progress)

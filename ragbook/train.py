@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_directory, atomic_torch_save, atomic_write_bytes
-from .config import autocast, bf16_supported, quiet_loading
+from .config import autocast, bf16_supported, default_device, quiet_loading
 from .data import article_split, load_corpus
 from .generator import pad, shift_right, tiny_config, train_tokenizer
 
@@ -266,8 +266,9 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
 
 
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Path | None = None,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """Pre-train the tiny BART by denoising and export it to ``out``; resumable.
+             device: str | None = None, progress: bool = True) -> dict:
+    """Pre-train the tiny BART by denoising and export it to ``out``; resumable; on ``device``
+    (default :func:`~ragbook.config.default_device`).
 
     ``work`` holds the tokenizer and ``checkpoint.pt`` (default: ``out/../<name>-work``).
     Returns the recipe record written to ``out/pretrain.json``.
@@ -275,6 +276,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
     cfg = cfg or PretrainConfig()
+    device = device or default_device()
     out = Path(out)
     work = Path(work) if work else out.parent / f"{out.name}-work"
     work.mkdir(parents=True, exist_ok=True)
@@ -538,4 +540,4 @@ def trained_closed_book(preset, task: str = "entity-qa", steps: int = 500,
     path = cached("closed-book", params, build)
     with quiet_loading():
         model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
+        return model.to(default_device()).eval(), AutoTokenizer.from_pretrained(path)

@@ -44,7 +44,7 @@ def no_work(monkeypatch):
     (["search", "--index", "ix", "q", "-k", "0"], "argument -k: must be at least 1"),
     (["pretrain", "--out", "o", "--lr", "0"], "argument --lr: must be above 0"),
     (["pretrain", "--out", "o", "--seq-len", "2"], "argument --seq-len: must be at least 3"),
-    (["pretrain", "--out", "o", "--device", "gpu"], "unknown device 'gpu'; use cpu or cuda"),
+    (["pretrain", "--out", "o", "--device", "gpu"], "'gpu' is not a device; use cpu or cuda"),
     (["index", "--corpus", "c.jsonl", "--out", "o", "--retriever", "hybrid"],
      "invalid choice: 'hybrid' (choose from 'dense', 'bm25', 'fusion')"),
 ])
@@ -55,7 +55,7 @@ def test_a_bad_option_is_one_line_pointing_to_help(capsys, no_work, argv, messag
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_refused_before_pretraining(capsys, no_work):
-    assert "no CUDA GPU on this machine; use --device cpu" in one_line_error(
+    assert "this machine has no CUDA GPU; use cpu" in one_line_error(
         capsys, ["pretrain", "--out", "o", "--device", "cuda"])
 
 

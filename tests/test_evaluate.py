@@ -18,6 +18,35 @@ def test_squad_normalisation_and_exact_match():
     assert ev.exact_match("Beatle", ["Beatles"]) == 0.0
 
 
+def test_hits_at_k_are_what_recall_at_k_averages():
+    a, b, c = (Passage(f"{t}::0", t, "…") for t in "ABC")
+    examples = [Example("q1", ["A"], article="A"), Example("q2", ["C"], article="C")]
+    hits = ev.hits_at_k([[b, a, c], [a, b, c]], examples, ks=(1, 2, 3))
+    assert [list(hits[k]) for k in (1, 2, 3)] == [[False, False], [True, False], [True, True]]
+    assert ev.recall_at_k([[b, a, c], [a, b, c]], examples, ks=(1, 2, 3)) == \
+        {1: 0.0, 2: 0.5, 3: 1.0}
+
+
+def test_the_paired_standard_error_and_the_verdict_it_gives():
+    a = [1, 1, 1, 0] * 25  # 100 questions
+    d, se = ev.paired_difference(a, a)
+    assert d == 0 and se == 0 and ev.compare(a, a) == "≈"
+    b = [0, 1, 1, 0] * 25  # a wins on 25 questions, never loses: d = 0.25
+    d, se = ev.paired_difference(a, b)
+    expected = (0.25 * 0.75 / 99) ** 0.5  # sd of 0/1 differences with ddof=1, over √100
+    assert d == pytest.approx(0.25) and se == pytest.approx(expected)
+    assert ev.compare(a, b) == ">" and ev.compare(b, a) == "<"
+    one_win = [1] + [0] * 99  # one question in a hundred: inside the noise
+    assert ev.compare(one_win, [0] * 100) == "≈"
+    assert ev.standard_error(0.5, 100) == pytest.approx(0.05)
+
+
+def test_hot_swap_misses_are_told_apart_by_where_the_edited_passage_stood():
+    misses = [{"edited_rank": None}, {"edited_rank": 1}, {"edited_rank": 3}, {"edited_rank": None}]
+    assert ev.miss_kinds({"misses": misses}) == {"not retrieved": 2, "retrieved, outranked": 1,
+                                                 "first, but the answer miscopied": 1}
+
+
 def test_f1_is_max_over_answers():
     assert ev.f1_score("new york city", ["york", "new york city"]) == 1.0
     assert ev.f1_score("new york", ["new york city"]) == pytest.approx(0.8)

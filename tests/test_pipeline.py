@@ -190,6 +190,28 @@ def test_loss_equals_the_hand_assembled_computation(toy, marginalization):
     assert not torch.allclose(got, model.loss(batch, other, n_docs=K))  # the switch matters
 
 
+def test_the_gold_table_is_what_both_losses_are_computed_from(toy):
+    model = _model(toy).eval()
+    with torch.no_grad():
+        table = model.gold_table(EXAMPLES[:4], n_docs=K)
+        seq, tok = table.losses()
+        assert table.token_logprobs.shape[:2] == (4, K) and len(table.passages) == 4
+        torch.testing.assert_close(seq, model.loss(EXAMPLES[:4], "sequence", n_docs=K))
+        torch.testing.assert_close(tok, model.loss(EXAMPLES[:4], "token", n_docs=K))
+
+
+def test_a_uniform_prior_keeps_the_passages_and_empties_only_the_missing_slots(toy):
+    model = _model(toy).eval()
+    questions = [e.question for e in EXAMPLES[:3]]
+    ranked = model.generate(questions, "token", n_docs=K)
+    uniform = model.generate(questions, "token", n_docs=K, uniform_prior=True)
+    for a, b in zip(ranked, uniform):
+        assert [p.id for p in a.passages] == [p.id for p in b.passages]
+        assert (b.doc_scores == 0).all() and not (a.doc_scores == 0).all()
+    answers = model.answer(questions, n_docs=K)  # `answer` is `generate` with provenance
+    assert [p.prediction for p in answers] == [g.answer.text for g in ranked]
+
+
 def test_gradients_reach_the_query_encoder_only_when_the_retriever_trains(toy):
     for train_retriever in (True, False):
         model = _model(toy).eval()

@@ -113,6 +113,16 @@ def test_posteriors_sum_to_one_and_follow_bayes():
     torch.testing.assert_close(tok[1, :, 1:], prior[1, :, None].expand(4, 4))  # padding: prior
 
 
+def test_posterior_departure_is_the_total_variation_from_the_prior():
+    doc_scores = torch.tensor([0.0, 0.0])  # prior ½, ½
+    posterior = torch.tensor([[0.5, 1.0, 0.0], [0.5, 0.0, 1.0]])  # (k, T)
+    assert rag.posterior_departure(posterior, doc_scores).tolist() == [0.0, 0.5, 0.5]
+    logprobs, mask, scores = random_case(batch=1, k=4, T=5)
+    per_token = rag.doc_posterior(logprobs, mask, scores, per_token=True)[0]
+    moved = rag.posterior_departure(per_token, scores[0])
+    assert ((moved >= 0) & (moved <= 1)).all() and moved[-1] > 0
+
+
 def test_gradients_reach_doc_scores_and_token_logprobs():
     logprobs, mask, scores = random_case(dtype=torch.float32)
     for loss in (rag.rag_sequence_loss, rag.rag_token_loss):

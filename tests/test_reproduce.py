@@ -92,6 +92,14 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
     monkeypatch.setattr(T, "trained_rag", trained_rag)
     monkeypatch.setattr(T, "trained_closed_book",
                         lambda preset, task, steps, progress: (toy.generator, toy.tokenizer))
+    labelled = []
+    evaluate_labels = reproduce.ev.evaluate_labels
+
+    def spy_labels(model, *args, **kwargs):
+        labelled.append(model)
+        return evaluate_labels(model, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce.ev, "evaluate_labels", spy_labels)
     cfg = ReproduceConfig(eval_questions=4, sweep_questions=2, sweep_ks=(1,), hot_swap_facts=2)
     results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
 
@@ -111,5 +119,44 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
     assert len({c["max_length"] for c in calls}) == 1  # closed-book answers as long as RAG's
     assert recorded["verify"] == {"scored_labels": ["SUPPORTS", "REFUTES"]}
     assert set(results["verify"]["rag"]) == {"accuracy", "n"}
+    # the verifier reads with the prior it was trained with (dense), not the hybrid one
+    assert [m.bm25 is None for m in labelled] == [True, True]
+    assert labelled[1].index is not None  # RAG, not the closed-book model
+    # per-question scores for the paired findings, one per test question of each task
+    hits = json.loads((run / "results.json").read_text())["hits"]
+    assert {len(v) for v in hits["em"].values()} == {4} and len(hits["verify"]["rag"]) == 4
+    assert set(hits["recall@1"]) == {"frozen", "bm25", "hybrid_frozen", "finetuned", "hybrid"}
+    assert "## What this run shows" in (run / "results.md").read_text()
+    assert "| | RAG (dense prior) |" in (run / "results.md").read_text()
     assert "entity QA greedy, RAG-Sequence Thorough; question generation 4 beams, " \
         "RAG-Sequence Fast" in (run / "results.md").read_text()
+
+
+def _run_with(**em) -> dict:
+    """A results.json of 100 test questions whose per-question EM hits are ``em``."""
+    n = 100
+    rate = {name: sum(h) / n for name, h in em.items()}
+    return {"entity_qa": {m: {"em": rate[m]} for m in ("closed_book", "rag_sequence",
+                                                       "rag_token")},
+            "baselines": {"top1_title_em": rate["top1_title"]},
+            "hits": {"em": em, "recall@1": {"bm25": [1] * 60 + [0] * 40,
+                                            "frozen": [1] * 40 + [0] * 60},
+                     "recall@5": {"bm25": [1] * 80 + [0] * 20, "frozen": [1] * 79 + [0] * 21}}}
+
+
+def test_findings_call_a_difference_only_beyond_twice_its_paired_error():
+    lines = reproduce.findings(_run_with(closed_book=[0] * 100, rag_sequence=[1] * 50 + [0] * 50,
+                                         rag_token=[1] * 49 + [0] * 51,
+                                         top1_title=[1] * 48 + [0] * 52))
+    by_topic = {line.split("**")[1]: line for line in lines}
+    assert by_topic["Retrieval vs parametric memory"].startswith("✔")  # 50 vs 0
+    assert by_topic["RAG-Sequence vs RAG-Token"].startswith("✔")  # within a point: as the paper
+    assert by_topic["The generator against copying the top-1 title"].startswith("≈")  # 50 vs 48
+    assert "at rank 1 BM25 ahead, at rank 5 within noise" in by_topic["BM25 vs dense retrieval"]
+    assert not any("Fact verification" in line or "frozen BERT_q" in line for line in lines)
+    reverse = reproduce.findings(_run_with(closed_book=[1] * 90 + [0] * 10,
+                                           rag_sequence=[1] * 40 + [0] * 60,
+                                           rag_token=[1] * 20 + [0] * 80,
+                                           top1_title=[0] * 100))
+    assert reverse[0].startswith("✘")  # the closed book ahead: against the paper, said so
+    assert reverse[2].startswith("≈")  # RAG-Sequence and RAG-Token apart: unlike the paper
