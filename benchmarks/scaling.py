@@ -1,7 +1,7 @@
 """Beyond one machine's memory and one process: a streamed index build and data-parallel training.
 
 ``build``: a streamed on-disk IVF-PQ build (``ragbook.shards.build_streamed``) of ``--n``
-synthetic vectors structured like sentence embeddings (``bench_index.synthetic``, each shard a
+synthetic vectors structured like sentence embeddings (``shards.synthetic_embeddings``, each shard a
 fresh draw from the same mixture), in this process, then
 
 - its peak resident memory (``ru_maxrss``) beside the target: 1.5 × the compressed index
@@ -36,11 +36,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from bench_index import synthetic
 
 from ragbook import shards
 from ragbook.data import Passage
 from ragbook.index import DenseIndex, default_params
+from ragbook.shards import synthetic_embeddings as synthetic
 
 K = 10
 
