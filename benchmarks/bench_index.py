@@ -39,27 +39,9 @@ import numpy as np
 
 from ragbook.data import Passage
 from ragbook.index import DenseIndex
+from ragbook.shards import synthetic_embeddings as synthetic
 
 K = 10
-
-
-def synthetic(n: int, dim: int, clusters: int, latent: int, seed: int, centre_scale: float = 0.9,
-              noise: float = 0.25, chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors from a Gaussian mixture with low-rank within-cluster spread:
-    ``centre_scale``·c + z·B + ``noise``·ε, with c, z, ε standard normal and B a fixed random
-    (latent × dim) map with unit-variance output, then L2-normalised."""
-    structure = np.random.default_rng(12345)  # the same mixture for corpus and queries
-    centres = structure.standard_normal((clusters, dim)).astype(np.float32)
-    basis = (structure.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), dtype=np.float32)
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        x = centres[rng.integers(0, clusters, m)] * centre_scale
-        x += rng.standard_normal((m, latent), dtype=np.float32) @ basis
-        x += noise * rng.standard_normal((m, dim), dtype=np.float32)
-        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 def best_time(fn, repeats: int) -> float:

@@ -175,10 +175,20 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .index import build_index
 
     out = _writable_dir(args.out, "--out")
+    if args.shard_size is not None and (args.shard_size < 1 or args.index_type != "ivfpq"
+                                        or args.retriever != "dense"):
+        raise data.DataError("--shard-size N (N ≥ 1) builds a dense ivfpq index: add "
+                             "--index-type ivfpq (and no --retriever bm25/fusion)")
     preset = get_preset(args.preset)  # its checkpoints, checked before the corpus is read
     passages = data.load_corpus() if args.corpus == "builtin" else data.load_passages(args.corpus)
     print(f"{len(passages):,} passages from {args.corpus}", file=sys.stderr)
-    built = build_index(passages, out, args.retriever, preset, args.index_type)
+    if args.shard_size is not None:  # streamed: shards on disk, merged into one IVF-PQ
+        from .shards import build_sharded_index
+
+        index = build_sharded_index(passages, out, args.shard_size, preset)
+        built = f"on-disk ivfpq index from shards of {args.shard_size:,} ({index.dim} dims)"
+    else:
+        built = build_index(passages, out, args.retriever, preset, args.index_type)
     print(f"{built} of {len(passages):,} passages -> {out}")
     return 0
 
@@ -352,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat: exact; hnsw: fast approximate graph; ivfpq: compressed")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="tiny (offline) or paper (the DPR encoders, from the hub)")
+    p.add_argument("--shard-size", type=int, metavar="N",
+                   help="ivfpq only: encode N passages at a time to disk and merge the shards "
+                   "into one on-disk index, searched memory-mapped (corpora larger than RAM); "
+                   "an interrupted build resumes from the last finished shard")
     p.set_defaults(func=cmd_index, on_interrupt="the index was not completed; run it again "
                    "(a finished corpus encoding stays cached)")
 

@@ -139,6 +139,13 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, int]:
     raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS}")
 
 
+def training_rows(n: int, params: dict, seed: int = 0) -> np.ndarray:
+    """The sorted rows of ``n`` vectors that IVF-PQ's k-means trains on: 40 per cell and per
+    PQ centroid, drawn from ``seed``."""
+    n_train = min(n, max(40 * params["nlist"], 40 * 2 ** params["nbits"]))
+    return np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
+
+
 def _make_faiss_index(kind: str, dim: int, params: dict, rerank: bool) -> faiss.Index:
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
@@ -165,13 +172,18 @@ class DenseIndex:
     :meth:`load`, and replace the corpus at run time with :meth:`swap`.
     """
 
-    def __init__(self, index: faiss.Index, passages: list[Passage], metadata: dict[str, Any]):
+    def __init__(self, index: faiss.Index, passages: list[Passage], metadata: dict[str, Any],
+                 rerank_vectors: np.ndarray | None = None):
         if index.ntotal != len(passages):
             raise ValueError(f"the index holds {index.ntotal} vectors but {len(passages)} "
                              "passages were given; they must be aligned")
         self.index = index
         self.passages = list(passages)
         self.metadata = metadata
+        # d(z) kept outside FAISS (a streamed build's vectors.npy, ragbook.shards), often
+        # memory-mapped: the best k_factor·k IVF-PQ candidates are re-scored exactly on them,
+        # as IndexRefineFlat would on its own copy
+        self.rerank_vectors = rerank_vectors
         # Object arrays make the lookup of n·k results one C loop instead of n·k Python steps.
         self._passage_array = np.empty(len(self.passages), dtype=object)
         self._passage_array[:] = self.passages
@@ -240,9 +252,7 @@ class DenseIndex:
         chosen = {**default_params(kind, n, dim), **params}
         index = _make_faiss_index(kind, dim, chosen, rerank)
         if not index.is_trained:  # IVF-PQ: k-means for the cells and the PQ codebooks
-            rng = np.random.default_rng(seed)
-            n_train = min(n, max(40 * chosen["nlist"], 40 * 2 ** chosen["nbits"]))
-            index.train(vectors[np.sort(rng.choice(n, n_train, replace=False))])
+            index.train(vectors[training_rows(n, chosen, seed)])
         with tqdm(total=n, unit="vec", desc=f"indexing ({kind})", disable=not progress) as bar:
             for start in range(0, n, batch_size):
                 index.add(vectors[start:start + batch_size])
@@ -269,7 +279,10 @@ class DenseIndex:
             raise ValueError(f"query vectors must have shape (n, {self.dim}); got {q.shape}. "
                              "Encode the questions with the encoder the index was built for.")
         k = max(1, min(int(k), self.index.ntotal))
-        scores, indices = self.index.search(q, k)
+        if self.rerank_vectors is None:
+            scores, indices = self.index.search(q, k)
+        else:
+            scores, indices = self._reranked_search(q, k)
         if indices.size and indices.min() < 0:  # fewer than k found: drop the -1 padding
             scores[indices < 0] = -np.inf
             rows = [row[row >= 0] for row in indices]
@@ -280,6 +293,18 @@ class DenseIndex:
             ids = self._id_array[indices].tolist()
         return SearchResult(ids=ids, passages=passages, scores=scores, indices=indices)
 
+    def _reranked_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        depth = min(self.index.ntotal, self.metadata["params"]["k_factor"] * k)
+        _, candidates = self.index.search(q, depth)
+        rows = np.maximum(candidates, 0)
+        order = np.argsort(rows, axis=None)  # read the (memory-mapped) rows in file order
+        d = np.empty((rows.size, q.shape[1]), np.float32)
+        d[order] = self.rerank_vectors[rows.reshape(-1)[order]]
+        exact = np.einsum("bd,bkd->bk", q, d.reshape(*rows.shape, -1))
+        exact[candidates < 0] = -np.inf
+        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, top, 1), np.take_along_axis(candidates, top, 1)
+
     def set_search_params(self, *, efSearch: int | None = None, nprobe: int | None = None,
                           k_factor: int | None = None) -> None:
         """Trade recall for speed after building: HNSW's ``efSearch``, IVF's ``nprobe``,
@@ -289,7 +314,9 @@ class DenseIndex:
             faiss.downcast_index(self.index).hnsw.efSearch = params["efSearch"] = efSearch
         if nprobe is not None and self.kind == "ivfpq":
             faiss.extract_index_ivf(self.index).nprobe = params["nprobe"] = nprobe
-        if k_factor is not None and self.metadata.get("rerank"):
+        if k_factor is not None and self.rerank_vectors is not None:
+            params["k_factor"] = k_factor
+        elif k_factor is not None and self.metadata.get("rerank"):
             faiss.downcast_index(self.index).k_factor = params["k_factor"] = k_factor
 
     # ------------------------------------------------------------------ encoders and swap
@@ -345,7 +372,9 @@ class DenseIndex:
         """Write ``index.faiss``, ``passages.jsonl`` and ``meta.json`` into ``directory``.
 
         ``meta.json`` is written last and records the other files' sizes and checksums, so a
-        directory without it is incomplete and a changed file is detected on load.
+        directory without it is incomplete and a changed file is detected on load. A streamed
+        build's ``sidecars`` (its on-disk inverted lists and re-ranking vectors,
+        :mod:`ragbook.shards`) are recorded too and must already be in ``directory``.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -354,9 +383,14 @@ class DenseIndex:
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, directory / INDEX_FILE)
         _write_passages(directory / PASSAGES_FILE, self.passages)
+        sidecars = self.metadata.get("sidecars", [])
+        missing = [name for name in sidecars if not (directory / name).is_file()]
+        if missing:
+            raise DataError(f"{directory}: {', '.join(missing)} missing; an index built from "
+                            "shards is saved where it was built (ragbook.shards)")
         files = {name: {"bytes": (directory / name).stat().st_size,
                         "sha256": _file_sha256(directory / name)}
-                 for name in (INDEX_FILE, PASSAGES_FILE)}
+                 for name in (INDEX_FILE, PASSAGES_FILE, *sidecars)}
         meta = {**self.metadata, "files": files}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         return directory
@@ -382,20 +416,27 @@ class DenseIndex:
                             f"reads format {FORMAT}; {REBUILD}")
         if not isinstance(files, dict) or not {INDEX_FILE, PASSAGES_FILE} <= files.keys():
             raise DataError(f"{directory / META_FILE}: unreadable metadata; {REBUILD}")
-        for name in (INDEX_FILE, PASSAGES_FILE):
+        for name in files:
             path, want = directory / name, files[name]
+            if not path.is_file():
+                raise DataError(f"{path} is missing, so the index is incomplete; {REBUILD}")
             size = path.stat().st_size
             if size != want["bytes"]:
                 raise DataError(f"{path}: {size:,} bytes but {want['bytes']:,} were written "
                                 f"(truncated or replaced); {REBUILD}")
             if _file_sha256(path) != want["sha256"]:
                 raise DataError(f"{path}: checksum mismatch, the file is corrupted; {REBUILD}")
-        index = faiss.read_index(str(directory / INDEX_FILE),
-                                 faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+        # a streamed build's inverted lists are on disk beside the file, always mapped
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("shard_size") else \
+            faiss.IO_FLAG_MMAP_IFC if mmap else 0
+        index = faiss.read_index(str(directory / INDEX_FILE), flags)
         passages = _read_passages(directory, meta)
         if index.ntotal != meta["count"]:
             raise DataError(f"{directory}: the passages do not match the index; {REBUILD}")
-        loaded = cls(index, passages, meta)
+        rerank = meta.get("rerank_vectors")
+        vectors = None if rerank is None else \
+            np.load(directory / rerank, mmap_mode="r" if mmap else None)
+        loaded = cls(index, passages, meta, vectors)
         if encoder is not None:
             loaded.check_encoder(encoder, where=f"the index at {directory}")
         return loaded
@@ -512,10 +553,12 @@ def open_index(directory: str | Path) -> DenseRetriever | BM25Retriever | Fusion
 
 def corpus_index(preset: Preset | str = "tiny", kind: str = "flat", rerank: bool = True,
                  progress: bool = True, passages: Sequence[Passage] | None = None,
-                 **params: int) -> DenseIndex:
+                 mmap: bool = False, **params: int) -> DenseIndex:
     """The index of ``passages`` (default: the built-in corpus, ``data.load_corpus()``) for
     ``preset``: a cached recipe (``ragbook.artifacts``), built on first use from
-    ``retriever.passage_embeddings(preset, passages)``, then loaded."""
+    ``retriever.passage_embeddings(preset, passages)``, then loaded (memory-mapped with
+    ``mmap``: processes on one machine, say the ranks of a data-parallel run, share its
+    pages)."""
     from . import artifacts, data, retriever
     from .config import get_preset
 
@@ -534,4 +577,4 @@ def corpus_index(preset: Preset | str = "tiny", kind: str = "flat", rerank: bool
         DenseIndex.build(vectors, passages, kind=kind, metadata=_dense_metadata(preset),
                          rerank=rerank, progress=progress, seed=preset.seed, **params).save(tmp)
 
-    return DenseIndex.load(artifacts.cached("corpus_index", recipe, build))
+    return DenseIndex.load(artifacts.cached("corpus_index", recipe, build), mmap=mmap)

@@ -139,16 +139,22 @@ class RagModel(torch.nn.Module):
         # training (dropout) when `answer` restores its own mode
         self.training = generator.training
         vectors = doc_vectors if doc_vectors is not None else np.zeros((0, 0), np.float32)
-        self.register_buffer("doc_vectors", torch.from_numpy(np.ascontiguousarray(vectors)),
-                             persistent=False)
+        if isinstance(vectors, np.memmap):  # mapped d(z) stay on the CPU, shared by processes:
+            self.doc_vectors = torch.from_numpy(vectors)  # only the top-k rows go to the device
+        else:
+            self.register_buffer("doc_vectors", torch.from_numpy(np.ascontiguousarray(vectors)),
+                                 persistent=False)
 
     @classmethod
     def from_preset(cls, preset: Preset, retriever: str = "dense", query_encoder=None,
                     generator=None, tokenizer=None, index_kind: str = "flat",
-                    passages: Sequence[Passage] | None = None) -> RagModel:
+                    passages: Sequence[Passage] | None = None,
+                    mmap: bool = False) -> RagModel:
         """Assemble the model from cached artifacts (built on first use) over ``passages``
         (default: the built-in corpus; e.g. ``data.load_wiki_dpr(...)`` for the paper's), on
-        :func:`~ragbook.config.default_device`."""
+        :func:`~ragbook.config.default_device`. ``mmap`` maps the index and the document
+        vectors instead of reading them (the ranks of a data-parallel run on one machine then
+        share one copy, ``train.train_rag``)."""
         from .data import load_corpus
         from .generator import load_generator
         from .index import corpus_index
@@ -166,8 +172,8 @@ class RagModel(torch.nn.Module):
             model = cls(preset, query_encoder, generator, tokenizer, None, bm25=bm25)
         else:
             model = cls(preset, query_encoder, generator, tokenizer,
-                        corpus_index(preset, kind=index_kind, passages=passages),
-                        passage_embeddings(preset, passages), bm25=bm25)
+                        corpus_index(preset, kind=index_kind, passages=passages, mmap=mmap),
+                        passage_embeddings(preset, passages, mmap=mmap), bm25=bm25)
         return model.to(default_device())
 
     def with_bm25(self, bm25) -> RagModel:

@@ -210,13 +210,15 @@ def doc_scores(q: Tensor, d: Tensor, scale: float = 1.0) -> Tensor:
 
 
 def passage_embeddings(preset: Preset, passages: Sequence[Passage] | None = None,
-                       progress: bool = True, batch_size: int = 64) -> np.ndarray:
+                       progress: bool = True, batch_size: int = 64,
+                       mmap: bool = False) -> np.ndarray:
     """d(z) for every passage (default: the built-in corpus, in ``load_corpus()`` order).
 
     Returns (N, dim) float32. Encoding the corpus takes minutes on a CPU (benchmarks/README.md),
     so the matrix is built once per (document encoder, pooling, normalisation, max length,
     corpus) and cached under ``$RAGBOOK_CACHE/passage_embeddings`` (on ``default_device()``;
-    in bf16 where the device runs it natively, :meth:`Encoder.encode_passages`).
+    in bf16 where the device runs it natively, :meth:`Encoder.encode_passages`). ``mmap``
+    maps the file copy-on-write instead of reading it: processes on one machine share it.
     """
     passages = load_corpus() if passages is None else list(passages)
     device = default_device()
@@ -231,7 +233,8 @@ def passage_embeddings(preset: Preset, passages: Sequence[Passage] | None = None
         np.save(tmp / "embeddings.npy",
                 encoder.encode_passages(passages, batch_size=batch_size, progress=progress))
 
-    return np.load(cached("passage_embeddings", params, build) / "embeddings.npy")
+    return np.load(cached("passage_embeddings", params, build) / "embeddings.npy",
+                   mmap_mode="c" if mmap else None)
 
 
 # --------------------------------------------------------------------------- DPR training

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -188,7 +189,7 @@ def _settings(cfg) -> dict:
 def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
                    checkpoint_path: str | Path | None, checkpoint_every: int, desc: str,
                    progress: bool = True, after_step: Callable[[dict], None] | None = None,
-                   settings: dict | None = None) -> dict:
+                   settings: dict | None = None, writer: bool = True) -> dict:
     """Run ``step_fn(step) -> loss`` until ``steps``, resumable from ``checkpoint_path``.
 
     ``stateful`` maps names to objects with ``state_dict``/``load_state_dict`` (models,
@@ -198,7 +199,8 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
     randomness from the step number alone, so that a resumed run equals an unbroken one.
     ``settings`` (the run's configuration) is stored too: a checkpoint written under other
     settings (say, another number of steps, which reshapes the learning-rate schedule) is
-    refused rather than silently continued.
+    refused rather than silently continued. In a data-parallel run every rank resumes from
+    the checkpoint but only the main one (``writer``) writes it and shows progress.
     """
     settings = json.loads(json.dumps(settings)) if settings is not None else None
     state = {"step": 0, "history": [], "seconds": 0.0, "settings": settings}
@@ -218,7 +220,7 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
         state = saved["state"]
 
     def checkpoint():
-        if path is not None:
+        if path is not None and writer:
             atomic_torch_save({**{n: o.state_dict() for n, o in stateful.items()},
                                "state": state}, path)
 
@@ -235,7 +237,7 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
     main = (threading.current_thread() is threading.main_thread()  # Python's own Ctrl-C only:
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # not if ignored
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
-    bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not progress)
+    bar = tqdm(total=steps, initial=state["step"], desc=desc, disable=not (progress and writer))
     try:
         while state["step"] < steps:
             t0 = time.perf_counter()
@@ -362,10 +364,29 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
     CUDA (``config.autocast``: ``RAGBOOK_BF16=0`` turns it off). Resumable from
     ``checkpoint``; the batch of step t depends only on (seed, t), so CPU runs repeat exactly.
     Returns the loop state: ``history`` of (step, loss) and ``seconds``.
+
+    Under ``accelerate launch`` (more than one process) the same call is data-parallel: every
+    rank draws the same global batch of step t and trains on its own ``batch_size / ranks``
+    slice, retrieving from its own copy of the frozen index (open it with ``mmap=True`` so
+    that ranks on one machine share its pages); the gradients are averaged across ranks (one
+    all-reduce per optimizer step) before clipping, so the update is the single-process one
+    up to float summation order (and dropout, whose masks each rank draws for its slice). The
+    loss history is gathered (``gather_for_metrics``) and the checkpoint written by the main
+    rank only. Without the launcher Accelerate is not even imported.
     """
     cfg = cfg or RagTrainConfig()
     if not examples:
         raise ValueError("train_rag needs at least one training example")
+    accelerator = _accelerator()
+    ranks = accelerator.num_processes if accelerator else 1
+    if cfg.batch_size % ranks:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly across {ranks} "
+                         "processes; choose a multiple of the number of processes")
+    if accelerator:
+        model.to(accelerator.device)
+    local = slice(accelerator.process_index * cfg.batch_size // ranks,
+                  (accelerator.process_index + 1) * cfg.batch_size // ranks) \
+        if accelerator else slice(None)
     train_retriever = not cfg.freeze_retriever and model.index is not None
     model.query_encoder.requires_grad_(train_retriever)
     groups = [{"params": list(model.generator.parameters()), "lr": cfg.lr}]
@@ -391,10 +412,15 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
         for _ in range(cfg.grad_accum):
             batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
             with autocast(device, enabled=mixed):
-                loss = model.loss(batch, cfg.marginalization, cfg.n_docs,
-                                  train_retriever=train_retriever).mean() / cfg.grad_accum
+                losses = model.loss(batch[local], cfg.marginalization, cfg.n_docs,
+                                    train_retriever=train_retriever)
+                loss = losses.mean() / cfg.grad_accum
             loss.backward()
+            if accelerator:  # the global batch's mean loss, as one process would log it
+                loss = accelerator.gather_for_metrics(losses.detach()).mean() / cfg.grad_accum
             total += loss.item()
+        if accelerator:
+            _average_gradients(accelerator, params)
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         scheduler.step()
@@ -404,9 +430,36 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
                 "optimizer": optimizer, "scheduler": scheduler}
     state = resumable_loop(step_fn, stateful, cfg.steps, checkpoint, cfg.checkpoint_every,
                            f"RAG-{cfg.marginalization.capitalize()}", progress,
-                           settings=_settings(cfg))
+                           settings=_settings(cfg),
+                           writer=accelerator.is_main_process if accelerator else True)
+    if accelerator:
+        accelerator.wait_for_everyone()  # the main rank's checkpoint is complete for all
     model.eval()
     return state
+
+
+def _accelerator():
+    """An ``accelerate.Accelerator`` when the process is one of several started by
+    ``accelerate launch`` (or torchrun), else None: single-process runs stay as they were."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def _average_gradients(accelerator, params: list) -> None:
+    """Replace each rank's gradients by their mean over the ranks, in one all-reduce.
+
+    This is what DistributedDataParallel does after backward; RAG's loss calls the
+    generator and the query encoder inside :meth:`RagModel.loss`, not through a ``forward``
+    a DDP wrapper could hook, so the reduction is done here, once per optimizer step
+    (after gradient accumulation, like DDP's ``no_sync``).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
 
 
 def generator_fingerprint(name: str) -> str:

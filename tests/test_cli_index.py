@@ -141,3 +141,17 @@ def test_search_refuses_a_corrupted_index(files, capsys):
     passages.write_text(passages.read_text().replace("Paris", "Lyon"))
     assert cli.main(["search", "--index", str(tmp / "bm"), "capital"]) == 2
     assert "do not match" in capsys.readouterr().err
+
+
+def test_index_from_streamed_shards_then_search(files, capsys):
+    tmp, corpus, questions = files
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "ix"),
+                     "--shard-size", "3"]) == 2  # flat cannot be built from shards
+    assert "--index-type ivfpq" in capsys.readouterr().err
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp / "ix"),
+                     "--index-type", "ivfpq", "--shard-size", "3"]) == 0
+    meta = json.loads((tmp / "ix" / "meta.json").read_text())
+    assert meta["shard_size"] == 3 and meta["count"] == len(PASSAGES)
+    assert (tmp / "ix" / "index.ivfdata").is_file()
+    records = _search_json(capsys, tmp / "ix", questions)
+    assert [r["passages"][0]["id"] for r in records] == [gold for _, gold in QUESTIONS]

@@ -8,10 +8,13 @@ weights. The CUDA variants skip without a GPU.
 
 import copy
 import dataclasses
+import json
 import math
 import os
+import re
 import signal
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import faiss
@@ -894,3 +897,98 @@ def test_answer_on_the_device(toy, reference, cpu_baseline, device):
             assert [x["id"] for x in p.provenance] == [x["id"] for x in e.provenance]
             assert [x["posterior"] for x in p.provenance] == pytest.approx(
                 [x["posterior"] for x in e.provenance], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- data-parallel
+
+
+def _saved_toy(toy, directory) -> None:
+    """What a fresh process needs to rebuild the toy RAG: the generator, the vectors, the
+    preset (BERT_q is the toy BERT's directory already)."""
+    toy.generator.save_pretrained(directory / "generator")
+    toy.tokenizer.save_pretrained(directory / "generator")
+    np.save(directory / "vectors.npy", toy.vectors)
+    (directory / "preset.json").write_text(json.dumps(toy.preset.to_dict()))
+
+
+def _loaded_toy(directory) -> SimpleNamespace:
+    from transformers import AutoTokenizer
+
+    preset = Preset(**json.loads((directory / "preset.json").read_text()))
+    vectors = np.load(directory / "vectors.npy")
+    return SimpleNamespace(
+        preset=preset, vectors=vectors, bm25=None,
+        encoder=Encoder(preset.query_encoder, pooling="mean", normalize=True, max_length=16),
+        generator=BartForConditionalGeneration.from_pretrained(directory / "generator"),
+        tokenizer=AutoTokenizer.from_pretrained(directory / "generator"),
+        index=DenseIndex.build(vectors, CORPUS, progress=False))
+
+
+def _data_parallel_worker(directory) -> None:
+    """One rank of ``torchrun --nproc_per_node 2 tests/test_pipeline.py DIR``: 3 steps."""
+    torch.set_num_threads(1)
+    model = _model(_loaded_toy(directory), dropout=0.0)
+    state = T.train_rag(model, EXAMPLES, _cfg(steps=3), checkpoint=directory / "rag.pt",
+                        progress=False)
+    if int(os.environ["RANK"]) == 0:
+        torch.save({"generator": _snapshot(model.generator), "history": state["history"],
+                    "query_encoder": _snapshot(model.query_encoder)}, directory / "out.pt")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DP_TOLERANCE = 1e-5  # the same update, gradients summed in another order (fp32)
+# The attention keys' bias adds one constant to every score of a query, which the softmax
+# cancels: its gradient is 0 in exact arithmetic, and Adam turns the float noise left in its
+# place into steps of ±lr whose sign the summation order decides. Every other weight matches.
+KEY_BIAS = re.compile(r"(k_proj|attention\.self\.key)\.bias$")
+
+
+def test_two_processes_train_as_one_on_the_same_global_batch(toy, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): each rank trains on half of the
+    global batch, the gradients are averaged, and after 3 steps the weights equal a
+    1-process run's within DP_TOLERANCE; the main rank's checkpoint resumes in one process."""
+    import subprocess
+
+    _saved_toy(toy, tmp_path)
+    single = _model(_loaded_toy(tmp_path), dropout=0.0)
+    expected = T.train_rag(single, EXAMPLES, _cfg(steps=3), progress=False)
+    # torchrun, which `accelerate launch --multi_gpu` runs on GPUs; on CPUs Accelerate's own
+    # launcher wants MPI. ACCELERATE_USE_CPU: gloo, as `accelerate launch --cpu` sets.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__,
+              str(tmp_path)]
+    run = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert [s for s, _ in got["history"]] == [1, 2, 3]
+    assert [loss for _, loss in got["history"]] == pytest.approx(
+        [loss for _, loss in expected["history"]], abs=1e-4)
+    for name in ("generator", "query_encoder"):
+        mine, theirs = got[name], _snapshot(getattr(single, name))
+        assert mine.keys() == theirs.keys()
+        worst = max((mine[k] - theirs[k]).abs().max().item() for k in mine
+                    if not KEY_BIAS.search(k))
+        assert worst <= DP_TOLERANCE, f"{name}: {worst:.2e}"
+    moved = max((got["generator"][k] - _snapshot(toy.generator)[k]).abs().max().item()
+                for k in got["generator"])
+    assert moved > 100 * DP_TOLERANCE  # the runs did train: the tolerance is not vacuous
+    assert sorted(p.name for p in tmp_path.glob("rag.pt*")) == ["rag.pt"]  # one writer
+    resumed = _model(_loaded_toy(tmp_path), dropout=0.0)
+    state = T.train_rag(resumed, EXAMPLES, _cfg(steps=3), checkpoint=tmp_path / "rag.pt",
+                        progress=False)
+    assert state["history"] == got["history"]  # finished: loaded, not retrained
+    assert _same(_snapshot(resumed.generator), got["generator"])
+
+
+if __name__ == "__main__":  # a rank of the data-parallel test above
+    _data_parallel_worker(Path(sys.argv[1]))

@@ -158,8 +158,11 @@ def test_the_wheel_installs_on_a_simulated_colab_and_runs_the_notebooks_imports(
                                check=True).stdout.strip())
     (site / "colab-base.pth").write_text(f"{base}\n")  # Colab's own packages, pre-installed
 
-    script = ["import sys, types",
-              "sys.modules['google.colab'] = types.ModuleType('google.colab')"]
+    # a module with a spec, as Colab's is: accelerate (which transformers imports) looks
+    # google.colab up with importlib.util.find_spec, which refuses a module without one
+    script = ["import sys, importlib.machinery, importlib.util",
+              "sys.modules['google.colab'] = importlib.util.module_from_spec("
+              "importlib.machinery.ModuleSpec('google.colab', None))"]
     setups = set()
     for path in notebooks:
         setup, params, imports = notebook_code(path)

@@ -1,0 +1,216 @@
+"""Beyond one machine's memory and one process: a streamed index build and data-parallel training.
+
+``build``: a streamed on-disk IVF-PQ build (``ragbook.shards.build_streamed``) of ``--n``
+synthetic vectors structured like sentence embeddings (``shards.synthetic_embeddings``, each shard a
+fresh draw from the same mixture), in this process, then
+
+- its peak resident memory (``ru_maxrss``) beside the target: 1.5 × the compressed index
+  (``index.faiss`` + ``index.ivfdata``) plus one shard of float32 vectors, and beside the
+  memory the process held before building (Python, NumPy, FAISS);
+- recall@10 after re-ranking against exact search (a streamed scan of ``vectors.npy``);
+- the resident memory the memory-mapped index adds to a process (anonymous and file-backed,
+  from ``/proc/self/status``) to run those searches.
+
+``train``: tokens/s of ``train.train_rag`` on the tiny preset with 1 and with 2 processes
+(torchrun, gloo on CPU), the same global batch.
+
+    python benchmarks/scaling.py build --n 1000000 --out benchmarks/results/scaling_build.json
+    python benchmarks/scaling.py train --steps 6 --out benchmarks/results/scaling_train.json
+
+Timings depend on the machine and its load: compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ragbook import shards
+from ragbook.data import Passage
+from ragbook.index import DenseIndex, default_params
+from ragbook.shards import synthetic_embeddings as synthetic
+
+K = 10
+
+
+def rss_mb() -> dict[str, float]:
+    """Resident memory now: anonymous (the process's own) and file-backed (mapped pages)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
+                  .splitlines() if ":" in line)
+    return {k: int(status[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def draw(n: int, dim: int, seed: int) -> np.ndarray:
+    return synthetic(n, dim, clusters=1000, latent=32, seed=seed, chunk=10_000)
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 50_000):
+    """Exact top-k inner products, scanning the (memory-mapped) vectors chunk by chunk."""
+    best = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.zeros((len(queries), k), np.int64)
+    for s in range(0, len(vectors), chunk):
+        scores = queries @ np.asarray(vectors[s:s + chunk]).T
+        both = np.concatenate([best, scores], axis=1)
+        cand = np.concatenate([ids, np.broadcast_to(np.arange(s, s + scores.shape[1]),
+                                                     scores.shape)], axis=1)
+        top = np.argpartition(-both, k - 1, axis=1)[:, :k]
+        best, ids = np.take_along_axis(both, top, 1), np.take_along_axis(cand, top, 1)
+    return ids
+
+
+def build(args) -> dict:
+    faiss.omp_set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="ragbook-scaling-", dir=args.tmp))
+    params = {**default_params("ivfpq", args.n, args.dim), "nlist": args.nlist}
+    before = rss_mb()
+    t0 = time.perf_counter()
+
+    def shard_vectors(start: int, end: int) -> np.ndarray:
+        nonlocal encoding_peak
+        encoding_peak = peak_mb()  # the peak so far: of the encoding phase, at the last shard
+        return draw(end - start, args.dim, seed=1 + start // args.shard_size)
+
+    encoding_peak = 0.0
+    shards.build_streamed(shard_vectors, args.n, args.dim, work, args.shard_size, params,
+                          progress=True)
+    seconds = time.perf_counter() - t0
+    peak = peak_mb()
+    compressed = sum((work / f).stat().st_size for f in ("index.faiss", shards.IVFDATA_FILE))
+    shard = args.shard_size * args.dim * 4
+    target = (1.5 * compressed + shard) / 2**20
+
+    queries = draw(args.queries, args.dim, seed=10**6)
+    loaded = rss_mb()
+    index = faiss.read_index(str(work / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    vectors = np.load(work / shards.VECTORS_FILE, mmap_mode="r")
+    one = Passage("p", "", "")  # one passage object for every row: the index's memory alone
+    dense = DenseIndex(index, [one] * args.n, {"kind": "ivfpq", "params": params}, vectors)
+    opened = rss_mb()
+    rows = []
+    for k_factor in (1, 8):
+        dense.set_search_params(k_factor=k_factor)
+        t = time.perf_counter()
+        found = dense.search(queries, K).indices
+        rows.append({"k_factor": k_factor, "nprobe": params["nprobe"], "found": found,
+                     "qps": round(len(queries) / (time.perf_counter() - t), 1),
+                     "rss_mb": rss_mb()})
+    exact = exact_top(vectors, queries, K)  # after the searches: its pages are not theirs
+    for row in rows:
+        row["recall@10"] = float(np.mean([len(set(f) & set(e)) / K
+                                          for f, e in zip(row.pop("found"), exact)]))
+    shutil.rmtree(work)
+    mb = 2**20
+    return {"n": args.n, "dim": args.dim, "shard_size": args.shard_size, "params": params,
+            "build_seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1),
+            "rss_before_build_mb": before, "compressed_index_mb": round(compressed / mb, 1),
+            "one_shard_mb": round(shard / mb, 1), "target_mb": round(target, 1),
+            "peak_over_target": round(peak / target, 3),
+            "build_added_mb": round(peak - before["VmRSS"], 1),
+            "peak_rss_encoding_mb": round(encoding_peak, 1),
+            "flat_vectors_mb": round(args.n * args.dim * 4 / mb, 1),
+            "rss_before_open_mb": loaded, "rss_opened_mb": opened, "search": rows,
+            "threads": args.threads, "machine": platform.platform(),
+            "cpus": os.cpu_count(), "faiss": faiss.__version__}
+
+
+def train_worker(args) -> None:
+    """One rank: ``--steps`` of train_rag on the tiny preset; rank 0 writes the timing."""
+    import torch
+
+    from ragbook import train
+    from ragbook.config import get_preset
+    from ragbook.data import load_task
+    from ragbook.pipeline import RagModel
+
+    torch.set_num_threads(1)
+    preset = get_preset("tiny")
+    model = RagModel.from_preset(preset, mmap=True)
+    examples = load_task("entity-qa", "train", preset.seed)
+    cfg = train.RagTrainConfig(n_docs=preset.n_docs, steps=args.steps,
+                               batch_size=args.batch_size, warmup=1)
+    sample = examples[:args.batch_size]  # tokens a step feeds the generator: batch·k inputs
+    found = model.retrieve([e.question for e in sample], preset.n_docs)
+    tokens = int(model.generator_inputs([e.question for e in sample], found.passages)
+                 ["attention_mask"].sum())
+    state = train.train_rag(model, examples, cfg, progress=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        steps = state["seconds"]  # the steps alone, not loading or retrieval set-up
+        Path(args.result).write_text(json.dumps({
+            "processes": int(os.environ.get("WORLD_SIZE", "1")), "steps": args.steps,
+            "batch_size": args.batch_size, "seconds": round(steps, 2),
+            "tokens_per_step": tokens, "tokens_per_s": round(tokens * args.steps / steps, 1),
+            "examples_per_s": round(args.batch_size * args.steps / steps, 2),
+            "history": state["history"]}))
+
+
+def train_bench(args) -> dict:
+    import socket
+
+    runs = []
+    for processes in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = Path(tempfile.mkstemp(suffix=".json")[1])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        launcher = [sys.executable] if processes == 1 else [  # one: no launcher at all
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        try:
+            subprocess.run([*launcher, __file__, "train-worker", "--steps", str(args.steps),
+                            "--batch-size", str(args.batch_size), "--result", str(result)],
+                           env=env, check=True, timeout=900)
+            runs.append(json.loads(result.read_text()))
+        finally:
+            result.unlink()
+        print(runs[-1])
+    return {"runs": runs, "speedup": round(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"], 3),
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "machine": platform.platform()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build")
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--shard-size", type=int, default=50_000)
+    p.add_argument("--nlist", type=int, default=1024)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tmp", default=None, help="where the build's files go (default: /tmp)")
+    p.add_argument("--out")
+    for name in ("train", "train-worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--steps", type=int, default=6)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--result")
+        p.add_argument("--out")
+    args = parser.parse_args()
+    if args.command == "train-worker":
+        return train_worker(args)
+    result = build(args) if args.command == "build" else train_bench(args)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
