@@ -172,6 +172,10 @@ def untrained_model(index_dir: str | Path, cfg: FinetuneConfig | None = None,
     preset = get_preset(index.metadata.get("preset") or "tiny", n_docs=cfg.n_docs,
                         seed=cfg.seed, max_source_length=cfg.max_source_length)
     generator, tokenizer = load_generator(preset.generator, device)
+    positions = generator.config.max_position_embeddings
+    if cfg.max_source_length > positions:
+        raise DataError(f"--max-source-length {cfg.max_source_length}: the generator has "
+                        f"{positions} positions; give at most {positions}")
     query_encoder = Encoder(index.metadata.get("query_encoder") or index.encoder,
                             preset.pooling, preset.normalize, preset.max_query_length)
     index.check_encoder(query_encoder, where=f"the index at {index_dir}")

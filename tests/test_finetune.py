@@ -186,6 +186,8 @@ def bad(own, tmp_path, monkeypatch):
      "not an index directory (no meta.json); build one with `ragbook index"),
     (["finetune", "--index", "{ix}", "--train", "{train}", "--out", "{out}", "--steps", "0"],
      "argument --steps: must be at least 1, got 0"),
+    (["finetune", "--index", "{ix}", "--train", "{train}", "--out", "{out}",
+      "--max-source-length", "512"], "the generator has 128 positions; give at most 128"),
     (["finetune", "--index", "{ix}", "--train", "{train}", "--out", "{out}", "--resume"],
      "nothing to resume: no checkpoint"),
     (["answer", "--model", "{old}", "--questions", "{train}", "--out", "{out}"],
