@@ -123,16 +123,66 @@ def cmd_ask(args: argparse.Namespace) -> int:
     question = " ".join(args.question.split())
     if not question:
         raise data.DataError("the question is empty; ask one, in quotes")
+    if args.model not in ("token", "sequence"):  # a model directory from `ragbook finetune`
+        from .finetune import answer_questions, load_model
+
+        if not Path(args.model).is_dir():
+            raise data.DataError(f"--model {args.model}: give token, sequence, or a model "
+                                 "directory written by `ragbook finetune`")
+        model, settings, note = load_model(args.model, args.index)
+        if note:
+            print(note, file=sys.stderr)
+        prediction = answer_questions(model, settings, [data.Example(question)], n_docs=args.k,
+                                      num_beams=args.beams, progress=False)[0]
+        return _print_answer(prediction, settings["config"]["marginalization"])
+    if args.index:
+        raise data.DataError("--index goes with --model DIR (a model from `ragbook finetune`)")
     cfg = _reproduce_config(args, preset=args.preset, rag_steps=args.steps)
     print("Loading the jointly trained RAG model (trained and cached on first use)…",
           file=sys.stderr)
     model = rag_model(cfg, "entity-qa", args.model)
-    prediction = model.answer([question], marginalization=args.model, n_docs=args.k,
+    prediction = model.answer([question], marginalization=args.model, n_docs=args.k or 5,
                               num_beams=args.beams)[0]
+    return _print_answer(prediction, args.model)
+
+
+def _print_answer(prediction, marginalization: str) -> int:
     print(f"answer: {prediction.prediction}")
-    print(f"supporting passages, p(z | x, y) under RAG-{args.model.capitalize()}:")
+    print(f"supporting passages, p(z | x, y) under RAG-{marginalization.capitalize()}:")
     for doc in sorted(prediction.provenance, key=lambda d: -d["posterior"]):
         print(f"  {doc['posterior']:.3f}  {doc['title']}  [{doc['id']}]")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune, load_questions, shared_questions
+
+    out = _writable_dir(args.out, "--out")
+    train = load_questions(args.train)
+    dev = load_questions(args.dev, split="validation") if args.dev else []
+    shared = shared_questions(train, dev)
+    if shared:
+        print(f"ragbook: warning: {shared} of {len(dev)} dev questions are also in --train "
+              f"{args.train}; their dev scores are not held-out", file=sys.stderr)
+    cfg = FinetuneConfig(marginalization=args.model, n_docs=args.n_docs, steps=args.steps,
+                         batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
+                         max_source_length=args.max_source_length, closed_book=args.closed_book)
+    settings = finetune(args.index, train, out, dev, cfg, args.device, args.resume,
+                        sources={"train": {"source": args.train}, "dev": {"source": args.dev}})
+    results = settings["dev"]["results"]
+    print(f"{settings['kind']} model, {cfg.steps} steps"
+          + (f", dev EM {results['em']:.3f} F1 {results['f1']:.3f}" if results else "")
+          + f" -> {out} (model card: {out / 'README.md'})")
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from .finetune import answer_file
+
+    scores = answer_file(args.model, args.questions, args.out, args.index, n_docs=args.k,
+                         batch_size=args.batch_size, num_beams=args.beams)
+    print(f"{scores['n']:,} predictions with provenance -> {args.out} (against the file's "
+          f"answers: EM {scores['em']:.3f}, F1 {scores['f1']:.3f}; `ragbook eval {args.out}`)")
     return 0
 
 
@@ -307,9 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         "jointly fine-tuned RAG model (entity QA; trained and cached on first use) and print "
         "each passage's posterior p(z | x, y): the answer's provenance.")
     p.add_argument("question", help="the question (quote it)")
-    p.add_argument("--model", choices=("token", "sequence"), default="token",
-                   help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
-    p.add_argument("-k", type=count, default=5, help="passages retrieved (default 5)")
+    p.add_argument("--model", default="token", metavar="{token,sequence,DIR}",
+                   help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1) trained on entity QA, or "
+                   "a model directory written by `ragbook finetune`")
+    p.add_argument("--index", help="with --model DIR: answer from this index instead of the "
+                   "one the model was trained with (a hot-swap)")
+    p.add_argument("-k", type=count, default=None, help="passages retrieved (default 5, or "
+                   "the fine-tuned model's)")
     p.add_argument("--beams", type=count, default=4, help="beam size (1: greedy)")
     p.add_argument("--steps", type=count, default=defaults.rag_steps,
                    help="joint fine-tuning steps (reproduce's model by default)")
@@ -401,6 +455,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs",
                    help="where reproduce's results are read for the model card")
     p.set_defaults(func=cmd_export, on_interrupt=f"nothing was exported; {RESUME}")
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune RAG on your own questions over your own index",
+        description="Joint RAG fine-tuning (the paper's §2.4, as `reproduce` trains): the "
+        "query encoder and the generator learn from your question-answer pairs, the index "
+        "stays frozen. Questions: JSONL {\"question\", \"answers\"}, SQuAD v1.1/v2.0 JSON, "
+        "a saved Hugging Face dataset DIR, or a hub dataset NAME[:SPLIT] when online. Writes a "
+        "model directory (generator, query encoder, settings, the index's fingerprint, a "
+        "model card with the dev results) for `ask --model` and `answer`.")
+    p.add_argument("--index", required=True, help="a dense index written by `ragbook index`")
+    p.add_argument("--train", required=True, help="training questions (FILE, DIR or NAME)")
+    p.add_argument("--dev", help="dev questions, scored every --eval-every steps and at the end")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--model", choices=("token", "sequence"), default="token",
+                   help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
+    p.add_argument("--closed-book", action="store_true",
+                   help="the paper's BART baseline instead: the generator alone, no retrieval")
+    p.add_argument("--steps", type=count, default=250, help="training steps (default 250)")
+    p.add_argument("--batch-size", type=count, default=16, help="questions per step")
+    p.add_argument("--n-docs", type=count, default=5, help="passages k marginalized over")
+    p.add_argument("--max-source-length", type=_at_least(8), default=128,
+                   help="generator input tokens, passage and question (default 128)")
+    p.add_argument("--eval-every", type=count, default=50, help="dev evaluation interval")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run whose checkpoint is in OUT-work/")
+    p.set_defaults(func=cmd_finetune, on_interrupt="the checkpoint is saved; run the same "
+                   "command with --resume to continue")
+
+    p = sub.add_parser(
+        "answer", help="answer a file of questions with a fine-tuned model",
+        description="Answer every question of a file (JSONL, SQuAD JSON or a saved dataset) "
+        "with a model from `ragbook finetune`, in batches, and write one JSON line per "
+        "question: question, prediction, gold answers and provenance (the passages with "
+        "p(z | x, y)), which `ragbook eval` scores.")
+    p.add_argument("--model", required=True, help="a model directory from `ragbook finetune`")
+    p.add_argument("--questions", required=True, help="the questions (FILE, DIR or NAME)")
+    p.add_argument("--out", required=True, help="the predictions JSONL to write")
+    p.add_argument("--index", help="answer from this index instead of the model's own "
+                   "(a hot-swap)")
+    p.add_argument("-k", type=count, default=None, help="passages (default: the model's)")
+    p.add_argument("--beams", type=count, default=1, help="beam size (default 1: greedy)")
+    p.add_argument("--batch-size", type=count, default=16, help="questions per batch")
+    p.set_defaults(func=cmd_answer, on_interrupt="nothing was written")
     return parser
 
 

@@ -357,12 +357,14 @@ class RagTrainConfig:
 
 
 def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
-              checkpoint: str | Path | None = None, progress: bool = True) -> dict:
+              checkpoint: str | Path | None = None, progress: bool = True,
+              after_step: Callable[[dict], None] | None = None) -> dict:
     """Jointly fine-tune ``model`` (a :class:`ragbook.pipeline.RagModel`) on ``examples``.
 
     AdamW with warm-up and cosine decay, gradient accumulation and clipping, bf16 autocast on
     CUDA (``config.autocast``: ``RAGBOOK_BF16=0`` turns it off). Resumable from
     ``checkpoint``; the batch of step t depends only on (seed, t), so CPU runs repeat exactly.
+    ``after_step(state)`` runs after every step (e.g. a dev evaluation, ``ragbook finetune``).
     Returns the loop state: ``history`` of (step, loss) and ``seconds``.
 
     Under ``accelerate launch`` (more than one process) the same call is data-parallel: every
@@ -430,7 +432,7 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
                 "optimizer": optimizer, "scheduler": scheduler}
     state = resumable_loop(step_fn, stateful, cfg.steps, checkpoint, cfg.checkpoint_every,
                            f"RAG-{cfg.marginalization.capitalize()}", progress,
-                           settings=_settings(cfg),
+                           after_step, settings=_settings(cfg),
                            writer=accelerator.is_main_process if accelerator else True)
     if accelerator:
         accelerator.wait_for_everyone()  # the main rank's checkpoint is complete for all
