@@ -167,7 +167,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(marginalization=args.model, n_docs=args.n_docs, steps=args.steps,
                          batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                          max_source_length=args.max_source_length, closed_book=args.closed_book)
-    settings = finetune(args.index, train, out, dev, cfg, args.device, args.resume,
+    settings = finetune(args.index, train, out, dev, cfg, args.device or str(default_device()),
+                        args.resume,
                         sources={"train": {"source": args.train}, "dev": {"source": args.dev}})
     results = settings["dev"]["results"]
     print(f"{settings['kind']} model, {cfg.steps} steps"
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-source-length", type=_at_least(8), default=128,
                    help="generator input tokens, passage and question (default 128)")
     p.add_argument("--eval-every", type=count, default=50, help="dev evaluation interval")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_device,
+                   help="cpu or cuda (default: $RAGBOOK_DEVICE, else CUDA when there is a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run whose checkpoint is in OUT-work/")
