@@ -302,6 +302,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exercises(args: argparse.Namespace) -> int:
+    from . import exercises
+
+    try:
+        if args.action == "build":
+            _writable_dir(args.out, "--out")
+            for r in exercises.build(args.out, timeout=args.timeout):
+                print(f"{r['assignment']}: {r['questions']} questions, {r['points']:g} points, "
+                      f"reference full marks ({r['seconds']:.0f} s)")
+            print(f"autograders -> {args.out}; student notebooks -> "
+                  f"{exercises.EXERCISES / 'student'}")
+            return 0
+        rows = exercises.grade(args.submissions, args.autograders, args.out, args.timeout,
+                               jobs=args.jobs)
+    except exercises.ExerciseError as e:
+        raise data.DataError(str(e)) from None
+    for r in rows:
+        if r.question == "total":
+            why = f"  ({r.reason})" if r.reason else ""
+            print(f"{r.points:g}/{r.max_points:g}  {r.submission}{why}")
+    print(f"{args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
 def _prior_options(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--retriever", choices=RETRIEVERS, default=defaults.retriever,
                    help="RAG's prior p(z|x) at test time: dense (the paper), BM25, or hybrid, "
@@ -502,6 +526,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=count, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--batch-size", type=count, default=16, help="questions per batch")
     p.set_defaults(func=cmd_answer, on_interrupt="nothing was written")
+
+    p = sub.add_parser(
+        "exercises", help="graded exercises (otter-grader): build the autograders, grade",
+        description="The instructor's side of exercises/ (see exercises/README.md).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "build", help="otter assign on every assignment",
+        description="Run otter assign on every exercises/source notebook: the autograder zips go "
+        "to --out, once each reference solution has scored full marks through the grader; the "
+        "student notebooks (no solutions, no hidden tests) go to exercises/student.")
+    p.add_argument("--out", default="exercises/dist", help="directory for the autograder zips "
+                   "(default exercises/dist)")
+    p.add_argument("--timeout", type=_positive_float, default=300.0,
+                   help="seconds allowed to grade each reference solution (default 300)")
+    p.set_defaults(func=cmd_exercises, on_interrupt="autograders already built stay")
+    p = actions.add_parser(
+        "grade", help="grade submitted notebooks",
+        description="Grade notebooks (files, or directories of *.ipynb); each is graded in its "
+        "own process and temporary directory, offline, with a time limit. The assignment comes "
+        "from the notebook's metadata. Writes one row per submission and question (points, max "
+        "points, reason) plus a total, to --out (CSV) and the same as JSON beside it.")
+    p.add_argument("submissions", nargs="+", help="notebooks or directories of them")
+    p.add_argument("--out", required=True, help="the CSV to write (e.g. scores.csv)")
+    p.add_argument("--autograders", default="exercises/dist",
+                   help="the directory `ragbook exercises build` filled (default exercises/dist)")
+    p.add_argument("--timeout", type=_positive_float, default=300.0,
+                   help="seconds allowed to each submission (default 300)")
+    p.add_argument("--jobs", type=count, default=1,
+                   help="submissions graded at once, each in its own process (default 1; at "
+                   "most one per CPU core helps)")
+    p.set_defaults(func=cmd_exercises, on_interrupt="grades already written stay")
     return parser
 
 
