@@ -121,11 +121,13 @@ def link_distributions(names: set[str], into: Path) -> None:
 
 
 def notebook_code(path: Path) -> tuple[str, str, str]:
-    """A notebook's setup cell, its parameters cell, and every import its other cells make."""
+    """A notebook's setup cell, its parameters cell (if any), and every import its other cells
+    make."""
     nb = nbformat.read(path, as_version=4)
     setup = next(c.source for c in nb.cells if c.cell_type == "code"
                  and colab.TAG in c.metadata.get("tags", []))
-    params = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params = next((c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])),
+                  "")  # a student exercise has none: its settings are the assignment's
     imports = []
     for cell in nb.cells:
         if cell.cell_type == "code" and cell.source not in (setup, params):
