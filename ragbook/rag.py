@@ -163,24 +163,36 @@ def _encode(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+SCORE_TOKENS = 2048  # decoder positions per pass of _score (the tiny BART: 64 MiB of logits)
+
+
 def _score(model, encoder_hidden: Tensor, encoder_mask: Tensor, rows: Tensor,
-           labels: Tensor) -> Tensor:
+           labels: Tensor, target_mask: Tensor) -> Tensor:
     """Teacher-forced log p_θ(y_i | x, z, y_<i) reusing the encoder's output.
 
-    ``labels`` (n, T) is scored under the encoder rows ``rows`` (n, k); returns (n, k, T). This is
-    ``generator.token_logprobs`` without running the encoder again.
+    ``labels`` (n, T) with ``target_mask`` is scored under the encoder rows ``rows`` (n, k);
+    returns (n, k, T), 0 at padding. This is ``generator.token_logprobs`` without running the
+    encoder again. Thorough decoding at large k scores |Y|·k rows: the labels go longest first,
+    in passes of at most ``SCORE_TOKENS`` decoder positions, each cut to its own longest label
+    (the decoder is causal: a label's log-probs do not depend on the padding after it).
     """
     n, k = rows.shape
     cfg = model.config
-    labels_k = labels.repeat_interleave(k, dim=0)
-    flat = rows.reshape(-1)
-    logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden[flat]),
-                   attention_mask=encoder_mask[flat],
-                   decoder_input_ids=shift_right(labels_k, cfg.decoder_start_token_id,
-                                                 cfg.pad_token_id),
-                   use_cache=False).logits
-    logprobs = logits.float().log_softmax(-1).gather(-1, labels_k.unsqueeze(-1)).squeeze(-1)
-    return logprobs.view(n, k, -1)
+    out = encoder_hidden.new_zeros((n, k, labels.shape[1]), dtype=torch.float32)
+    lengths = target_mask.sum(-1)
+    per_pass = max(1, SCORE_TOKENS // (labels.shape[1] * k))
+    for chunk in lengths.argsort(descending=True, stable=True).split(per_pass):
+        t = int(lengths[chunk].max())
+        labels_k = labels[chunk, :t].repeat_interleave(k, dim=0)
+        flat = rows[chunk].reshape(-1)
+        logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden[flat]),
+                       attention_mask=encoder_mask[flat],
+                       decoder_input_ids=shift_right(labels_k, cfg.decoder_start_token_id,
+                                                     cfg.pad_token_id),
+                       use_cache=False).logits.float()
+        logprobs = logits.gather(-1, labels_k[..., None])[..., 0] - logits.logsumexp(-1)
+        out[chunk, :, :t] = logprobs.view(len(chunk), k, t)
+    return out
 
 
 def _cache_keyword(model) -> str:
@@ -315,7 +327,8 @@ def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tens
         best = [group[0][0] for group in beams]
         labels, target_mask = _labels(best, model.config.pad_token_id, input_ids.device)
         logprobs = _score(model, encoder_hidden, attention_mask,
-                          torch.arange(batch * k, device=input_ids.device).view(batch, k), labels)
+                          torch.arange(batch * k, device=input_ids.device).view(batch, k), labels,
+                          target_mask)
         scores = -rag_token_loss(logprobs, target_mask, doc_scores).cpu()
         posterior = doc_posterior(logprobs, target_mask, doc_scores, per_token=True).cpu()
     return [Answer(_text(tokenizer, y), scores[i].item(), y,
@@ -370,7 +383,8 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
             labels, target_mask = _labels(flat, model.config.pad_token_id, device)
             rows = owner.view(-1, 1) * k + torch.arange(k, device=device)
             seq_logprobs = sequence_logprobs(
-                _score(model, encoder_hidden, attention_mask, rows, labels), target_mask)
+                _score(model, encoder_hidden, attention_mask, rows, labels, target_mask),
+                target_mask)
             beam_logprobs = list(seq_logprobs.cpu().split([len(ys) for ys in candidates]))
 
     answers = []

@@ -284,6 +284,25 @@ def test_fast_is_a_lower_bound_on_thorough(bart):
         assert t.doc_posterior.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_scoring_in_passes_cut_to_their_labels_changes_nothing(bart, monkeypatch):
+    """rag._score in passes of one label each, cut to its own length, gives the log-probs of
+    one full-width teacher-forced pass (generator.token_logprobs) wherever a label has a token."""
+    from ragbook.generator import token_logprobs
+
+    ids, mask, _ = bart_inputs(3, 2)
+    labels = torch.tensor([[5, 6, 7, EOS], [8, EOS, PAD, PAD], [9, 10, EOS, PAD]])
+    target_mask = labels != PAD
+    rows = torch.arange(6).view(3, 2)
+    with torch.no_grad(), rag._eval_mode(bart):
+        hidden = rag._encode(bart, ids, mask)
+        monkeypatch.setattr(rag, "SCORE_TOKENS", 1)
+        one_by_one = rag._score(bart, hidden, mask, rows, labels, target_mask)
+        full = token_logprobs(bart, ids, mask, labels)
+    torch.testing.assert_close(one_by_one[target_mask[:, None].expand_as(full)],
+                               full[target_mask[:, None].expand_as(full)], atol=1e-5, rtol=0)
+    assert (one_by_one[~target_mask[:, None].expand_as(full)] == 0).all()
+
+
 def test_fast_equals_thorough_when_all_documents_are_the_same(bart):
     ids, mask, scores = bart_inputs(3, 3, same_docs=True)
     mask[1], ids[1] = mask[0], ids[0]
