@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from ragbook import finetune as F
-from ragbook import generator as G
 from ragbook.data import Example, load_corpus
 from ragbook.index import build_index
 
@@ -79,9 +78,6 @@ def main() -> None:
                         default=F.FinetuneConfig.max_source_length)
     parser.add_argument("--model", choices=("token", "sequence"), default="token")
     parser.add_argument("--blank", choices=sorted(BLANKS), default="package")
-    parser.add_argument("--positions", choices=("copied", "random"), default="copied",
-                        help="the shipped BART's positions past its pre-training's 64: copied "
-                        "(generator.extend_positions, ragbook's default) or left random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="score the held-out questions every N steps too (a learning curve)")
@@ -94,8 +90,6 @@ def main() -> None:
                                              "finetune_cloze.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.positions == "random":  # the ablation: the generator as it was loaded before
-        G.extend_positions = lambda model, trained: 0
     passages, train, test = split_questions(args.articles, args.seed, args.test)
     train, test = rendered(train, args.blank), rendered(test, args.blank)
     work = Path(args.work)

@@ -17,7 +17,6 @@ answers by beam search from parametric memory alone.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -105,35 +104,7 @@ def load_generator(name: str = "tiny", device: str | torch.device | None = None)
     with quiet_loading():
         tokenizer = _fix_decoding(AutoTokenizer.from_pretrained(path))
         model = BartForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    recipe = Path(path) / "pretrain.json"  # a generator `ragbook pretrain` exported
-    if recipe.is_file():
-        extend_positions(model, json.loads(recipe.read_text())["config"]["seq_len"])
     return model.to(device or default_device()), tokenizer
-
-
-def extend_positions(model: BartForConditionalGeneration, trained: int) -> int:
-    """Give the position embeddings past the first ``trained`` — positions pre-training never
-    used, still at their random initialisation — copies of the trained ones, repeated
-    (Longformer's copy initialisation, Beltagy et al. 2020, §5). Returns how many positions
-    were copied.
-
-    ``ragbook pretrain`` denoises windows of ``seq_len`` (64) tokens while the tiny BART has
-    128 positions: fed "title / text // question" of more than 64 tokens, its encoder saw the
-    question at positions it knew nothing of, and a fine-tuned generator could not find in the
-    passage the words around a question's blank (benchmarks/README.md, "Your own data").
-    Copied, position 64 + i looks like position i, so what the encoder learned about
-    neighbouring positions holds there too. Positions below ``trained`` are untouched: inputs
-    that fit in them are encoded exactly as before.
-    """
-    copied = 0
-    for embed in (model.model.encoder.embed_positions, model.model.decoder.embed_positions):
-        offset = getattr(embed, "offset", 0)  # BART's learned positions start at row 2
-        positions = embed.weight.shape[0] - offset
-        with torch.no_grad():
-            for p in range(trained, positions):
-                embed.weight[offset + p] = embed.weight[offset + p % trained]
-        copied = max(copied, positions - trained)
-    return copied
 
 
 def format_input(passage: Passage | None, question: str) -> str:

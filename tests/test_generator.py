@@ -215,26 +215,6 @@ def test_load_generator_shows_no_loading_bar_and_leaves_the_setting_alone(
     torch.testing.assert_close(model.lm_head.weight, tiny_bart.lm_head.weight)
 
 
-def test_positions_pretraining_never_used_are_copied_on_load_and_short_inputs_unchanged(
-        tok, tiny_bart, tmp_path):
-    tiny_bart.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    plain, _ = generator.load_generator(str(tmp_path), "cpu")  # no recipe: loaded as saved
-    (tmp_path / "pretrain.json").write_text(json.dumps({"config": {"seq_len": 16}}))
-    model, _ = generator.load_generator(str(tmp_path), "cpu")  # `ragbook pretrain`'s export
-    for name in ("encoder", "decoder"):
-        before = getattr(plain.model, name).embed_positions.weight
-        after = getattr(model.model, name).embed_positions.weight
-        assert torch.equal(after[:2 + 16], before[:2 + 16])  # BART's offset of 2 rows
-        assert torch.equal(after[2 + 16:2 + 32], before[2:2 + 16])
-        assert torch.equal(after[2 + 40], before[2 + 40 % 16])
-    short = tok(["a short input"], return_tensors="pt")
-    labels = torch.tensor([[5, 6, tok.eos_token_id]])
-    torch.testing.assert_close(  # within the trained positions nothing changes
-        generator.token_logprobs(model, short["input_ids"], short["attention_mask"], labels),
-        generator.token_logprobs(plain, short["input_ids"], short["attention_mask"], labels))
-
-
 # ----------------------------------------------------------------- BART's noise
 
 
