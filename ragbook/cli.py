@@ -165,7 +165,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"ragbook: warning: {shared} of {len(dev)} dev questions are also in --train "
               f"{args.train}; their dev scores are not held-out", file=sys.stderr)
     cfg = FinetuneConfig(marginalization=args.model, n_docs=args.n_docs, steps=args.steps,
-                         batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         eval_every=args.eval_every,
                          max_source_length=args.max_source_length, closed_book=args.closed_book)
     settings = finetune(args.index, train, out, dev, cfg, args.device or str(default_device()),
                         args.resume,
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper's BART baseline instead: the generator alone, no retrieval")
     p.add_argument("--steps", type=count, default=250, help="training steps (default 250)")
     p.add_argument("--batch-size", type=count, default=16, help="questions per step")
+    p.add_argument("--lr", type=_positive_float, default=3e-4,
+                   help="the generator's learning rate (default 3e-4)")
     p.add_argument("--n-docs", type=count, default=5, help="passages k marginalized over")
     p.add_argument("--max-source-length", type=_at_least(8), default=128,
                    help="generator input tokens, passage and question (default 128)")

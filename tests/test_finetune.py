@@ -15,7 +15,8 @@ from ragbook import finetune as F
 from ragbook.generator import SHIPPED
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-TINY = ["--steps", "1", "--batch-size", "2", "--n-docs", "2", "--max-source-length", "64"]
+TINY = ["--steps", "1", "--batch-size", "2", "--n-docs", "2", "--max-source-length", "64",
+        "--lr", "3e-4"]
 CFG = dict(steps=3, batch_size=2, n_docs=2, max_source_length=64, eval_every=2)
 
 
