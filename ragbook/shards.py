@@ -23,6 +23,7 @@ returns what a one-shot IVF-PQ build with the same parameters returns.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -50,11 +51,12 @@ from .index import (
 if TYPE_CHECKING:
     from .config import Preset
 
-if TYPE_CHECKING:
-    from .config import Preset
-
 IVFDATA_FILE, VECTORS_FILE, WORK_DIR = "index.ivfdata", "vectors.npy", ".shards"
 ADD_BATCH = 8_192  # vectors handed to FAISS's add at a time
+# build_streamed logs the start of each phase at INFO, the phase's name first (benchmarks
+# measure each phase's memory from these records)
+PHASES = ("encode", "train", "add", "merge", "vectors")
+log = logging.getLogger(__name__)
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
@@ -101,10 +103,11 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
     block_files = [work / f"block-{i:05d}.faiss" for i in range(len(bounds))]
     quiet = not progress
 
-    for (start, end), f in zip(tqdm(bounds, desc="encoding shards", unit="shard",
-                                    disable=quiet), shard_files):
+    for i, ((start, end), f) in enumerate(zip(tqdm(bounds, desc="encoding shards",
+                                                   unit="shard", disable=quiet), shard_files)):
         if f.exists():
             continue
+        log.info("%s: shard %d of %d, rows %d:%d", "encode", i + 1, len(bounds), start, end)
         v = np.ascontiguousarray(shard_vectors(start, end), dtype=np.float32)
         if v.shape != (end - start, dim) or not np.isfinite(v).all():
             raise DataError(f"shard {start}:{end}: expected {(end - start, dim)} finite "
@@ -114,6 +117,7 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
     trained = work / "trained.faiss"
     if not trained.exists():  # k-means on the sample, gathered shard by shard
         rows = training_rows(n, chosen, seed)
+        log.info("%s: IVF-PQ on %d sampled rows", "train", len(rows))
         sample = np.concatenate([np.load(f, mmap_mode="r")[rows[(rows >= s) & (rows < e)] - s]
                                  for (s, e), f in zip(bounds, shard_files)])
         index = _make_faiss_index("ivfpq", dim, chosen, rerank=False)
@@ -121,10 +125,12 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
         del sample
         _write_index(index, trained)
 
-    for (start, end), shard, block in zip(tqdm(bounds, desc="adding shards", unit="shard",
-                                               disable=quiet), shard_files, block_files):
+    for i, ((start, end), shard, block) in enumerate(zip(
+            tqdm(bounds, desc="adding shards", unit="shard", disable=quiet), shard_files,
+            block_files)):
         if block.exists():
             continue
+        log.info("%s: shard %d of %d", "add", i + 1, len(bounds))
         index, rows = faiss.read_index(str(trained)), np.load(shard, mmap_mode="r")
         for at in range(0, len(rows), ADD_BATCH):  # FAISS's buffers: one batch, not a shard
             index.add_with_ids(rows[at:at + ADD_BATCH],
@@ -133,6 +139,7 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
         _write_index(index, block)
         del index
 
+    log.info("%s: %d shards' inverted lists into %s", "merge", len(bounds), IVFDATA_FILE)
     index = faiss.read_index(str(trained))  # the merge: codes into one on-disk file
     (directory / IVFDATA_FILE).unlink(missing_ok=True)
     faiss.contrib.ondisk.merge_ondisk(index, [str(b) for b in block_files],
@@ -140,6 +147,7 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
     _write_index(index, directory / INDEX_FILE)
     del index
 
+    log.info("%s: %d shards into %s", "vectors", len(bounds), VECTORS_FILE)
     tmp = directory / f".{VECTORS_FILE}.tmp"  # the raw vectors, streamed, for re-ranking
     with open(tmp, "wb") as out:
         np.lib.format.write_array_header_1_0(
