@@ -20,6 +20,7 @@ fresh draw from the same mixture), in this process, then
 (torchrun, gloo on CPU), the same global batch.
 
     python benchmarks/scaling.py build --n 1000000 --out benchmarks/results/scaling_build.json
+    # on a busy machine, in runs of 5 minutes: the same line with --work DIR, repeated
     python benchmarks/scaling.py train --steps 6 --out benchmarks/results/scaling_train.json
 
 Timings depend on the machine and its load: compare rows of one run only.
@@ -66,12 +67,16 @@ def reset_peak() -> None:
 
 class PhaseMemory(logging.Handler):
     """Each phase's resident memory, delimited by the records ``ragbook.shards`` logs: the
-    exact peak (``VmHWM``), the largest anonymous and file-backed parts (sampled every
-    ``interval`` s by a thread), the resident memory at its start and its seconds."""
+    exact peak (``VmHWM``) and what it adds to ``baseline`` (MiB), the largest anonymous and
+    file-backed parts (sampled every ``interval`` s by a thread), the resident memory at its
+    start and its seconds. Saved to ``path`` after every record, so that a build resumed by
+    another run (``--work``) adds its phases to those measured before."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, baseline: float, path: Path, interval: float = 0.005):
         super().__init__()
-        self.phases: dict[str, dict[str, float]] = {}
+        self.baseline, self.path = baseline, path
+        saved = json.loads(path.read_text()) if path.exists() else {"runs": 0, "phases": {}}
+        self.runs, self.phases = saved["runs"] + 1, saved["phases"]
         self.current, self.started, self.stop = None, 0.0, threading.Event()
         self.anon = self.file = 0.0
         self.sampler = threading.Thread(target=self._sample, args=(interval,), daemon=True)
@@ -91,14 +96,16 @@ class PhaseMemory(logging.Handler):
         row["anon_mb"] = max(row["anon_mb"], self.anon, now["RssAnon"])
         row["file_mb"] = max(row["file_mb"], self.file, now["RssFile"])
         row["seconds"] += time.perf_counter() - self.started
+        row["added_mb"] = max(row["added_mb"], now["VmHWM"] - self.baseline)
+        self.path.write_text(json.dumps({"runs": self.runs, "phases": self.phases}))
 
     def emit(self, record: logging.LogRecord) -> None:
         self._end_phase()
         self.current = record.args[0]
         if self.current not in self.phases:
             self.phases[self.current] = {"start_mb": rss_mb()["VmRSS"],
-                                         "peak_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0,
-                                         "seconds": 0.0}
+                                         "peak_mb": 0.0, "added_mb": 0.0, "anon_mb": 0.0,
+                                         "file_mb": 0.0, "seconds": 0.0}
         reset_peak()
         now = rss_mb()
         self.anon, self.file, self.started = now["RssAnon"], now["RssFile"], time.perf_counter()
@@ -131,26 +138,26 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 50_
 
 def build(args) -> dict:
     faiss.omp_set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="ragbook-scaling-", dir=args.tmp))
+    work = Path(args.work or tempfile.mkdtemp(prefix="ragbook-scaling-", dir=args.tmp))
+    work.mkdir(parents=True, exist_ok=True)
     params = {**default_params("ivfpq", args.n, args.dim), "nlist": args.nlist}
     logger = logging.getLogger(shards.__name__)
     logger.setLevel(logging.INFO)
-    memory = PhaseMemory()
-    before = rss_mb()  # the baseline: Python, NumPy, FAISS, ragbook, the sampler thread
+    before = rss_mb()  # the baseline: Python, NumPy, FAISS, ragbook imported
+    memory = PhaseMemory(before["VmRSS"], work / "memory.json")
     logger.addHandler(memory)
-    t0 = time.perf_counter()
     try:
         shards.build_streamed(lambda s, e: draw(e - s, args.dim, seed=1 + s // args.shard_size),
                               args.n, args.dim, work, args.shard_size, params, progress=True)
     finally:
         logger.removeHandler(memory)
         memory.close()
-    seconds = time.perf_counter() - t0
+    seconds = sum(row["seconds"] for row in memory.phases.values())
     peak = max(row["peak_mb"] for row in memory.phases.values())
     compressed = sum((work / f).stat().st_size for f in ("index.faiss", shards.IVFDATA_FILE))
     shard = args.shard_size * args.dim * 4
     target = (1.5 * compressed + shard) / 2**20
-    added = peak - before["VmRSS"]
+    added = max(row["added_mb"] for row in memory.phases.values())
 
     queries = draw(args.queries, args.dim, seed=10**6)
     loaded = rss_mb()
@@ -179,7 +186,7 @@ def build(args) -> dict:
             "one_shard_mb": round(shard / mb, 1), "target_mb": round(target, 1),
             "build_added_mb": round(added, 1), "added_over_target": round(added / target, 3),
             "phases": {name: {k: round(v, 1) for k, v in row.items()}
-                       for name, row in memory.phases.items()},
+                       for name, row in memory.phases.items()}, "build_runs": memory.runs,
             "flat_vectors_mb": round(args.n * args.dim * 4 / mb, 1),
             "rss_before_open_mb": loaded, "rss_opened_mb": opened, "search": rows,
             "threads": args.threads, "machine": platform.platform(),
@@ -253,6 +260,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tmp", default=None, help="where the build's files go (default: /tmp)")
+    p.add_argument("--work", help="build here and keep it if interrupted: the next run with "
+                                  "the same arguments resumes it (default: a new folder)")
     p.add_argument("--out")
     for name in ("train", "train-worker"):
         p = sub.add_parser(name)
