@@ -4,9 +4,14 @@
 synthetic vectors structured like sentence embeddings (``shards.synthetic_embeddings``, each shard a
 fresh draw from the same mixture), in this process, then
 
-- its peak resident memory (``ru_maxrss``) beside the target: 1.5 × the compressed index
-  (``index.faiss`` + ``index.ivfdata``) plus one shard of float32 vectors, and beside the
-  memory the process held before building (Python, NumPy, FAISS);
+- the resident memory the build adds to the process, beside the target: 1.5 × the
+  compressed index (``index.faiss`` + ``index.ivfdata``) plus one shard of float32 vectors.
+  The process's resident memory before the build (Python, NumPy, FAISS and ragbook imported)
+  is the baseline, reported and subtracted: the build's memory is its peak minus the
+  baseline. The peak is the kernel's exact high-water mark (``VmHWM``, reset at the start of
+  each phase that ``ragbook.shards`` logs: encode, train, add, merge, vectors), its
+  anonymous and file-backed parts (memory-mapped pages count as resident) sampled every few
+  milliseconds;
 - recall@10 after re-ranking against exact search (a streamed scan of ``vectors.npy``);
 - the resident memory the memory-mapped index adds to a process (anonymous and file-backed,
   from ``/proc/self/status``) to run those searches.
@@ -15,6 +20,7 @@ fresh draw from the same mixture), in this process, then
 (torchrun, gloo on CPU), the same global batch.
 
     python benchmarks/scaling.py build --n 1000000 --out benchmarks/results/scaling_build.json
+    # on a busy machine, in runs of 5 minutes: the same line with --work DIR, repeated
     python benchmarks/scaling.py train --steps 6 --out benchmarks/results/scaling_train.json
 
 Timings depend on the machine and its load: compare rows of one run only.
@@ -24,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,15 +52,70 @@ from ragbook.shards import synthetic_embeddings as synthetic
 K = 10
 
 
-def rss_mb() -> dict[str, float]:
-    """Resident memory now: anonymous (the process's own) and file-backed (mapped pages)."""
+def rss_mb(keys=("VmRSS", "RssAnon", "RssFile")) -> dict[str, float]:
+    """Resident memory now (MiB): anonymous (the process's own) and file-backed (mapped
+    pages); ``VmHWM`` is the peak since the last :func:`reset_peak`."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
                   .splitlines() if ":" in line)
-    return {k: int(status[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+    return {k: int(status[k].split()[0]) / 1024 for k in keys}
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def reset_peak() -> None:
+    """Set the kernel's high-water mark (``VmHWM``) to the resident memory now (Linux ≥ 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class PhaseMemory(logging.Handler):
+    """Each phase's resident memory, delimited by the records ``ragbook.shards`` logs: the
+    exact peak (``VmHWM``) and what it adds to ``baseline`` (MiB), the largest anonymous and
+    file-backed parts (sampled every ``interval`` s by a thread), the resident memory at its
+    start and its seconds. Saved to ``path`` after every record, so that a build resumed by
+    another run (``--work``) adds its phases to those measured before."""
+
+    def __init__(self, baseline: float, path: Path, interval: float = 0.005):
+        super().__init__()
+        self.baseline, self.path = baseline, path
+        saved = json.loads(path.read_text()) if path.exists() else {"runs": 0, "phases": {}}
+        self.runs, self.phases = saved["runs"] + 1, saved["phases"]
+        self.current, self.started, self.stop = None, 0.0, threading.Event()
+        self.anon = self.file = 0.0
+        self.sampler = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self.sampler.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            now = rss_mb()
+            self.anon, self.file = max(self.anon, now["RssAnon"]), max(self.file, now["RssFile"])
+
+    def _end_phase(self) -> None:
+        if self.current is None:
+            return
+        now = rss_mb(("VmHWM", "RssAnon", "RssFile"))
+        row = self.phases[self.current]
+        row["peak_mb"] = max(row["peak_mb"], now["VmHWM"])
+        row["anon_mb"] = max(row["anon_mb"], self.anon, now["RssAnon"])
+        row["file_mb"] = max(row["file_mb"], self.file, now["RssFile"])
+        row["seconds"] += time.perf_counter() - self.started
+        row["added_mb"] = max(row["added_mb"], now["VmHWM"] - self.baseline)
+        self.path.write_text(json.dumps({"runs": self.runs, "phases": self.phases}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._end_phase()
+        self.current = record.args[0]
+        if self.current not in self.phases:
+            self.phases[self.current] = {"start_mb": rss_mb()["VmRSS"],
+                                         "peak_mb": 0.0, "added_mb": 0.0, "anon_mb": 0.0,
+                                         "file_mb": 0.0, "seconds": 0.0}
+        reset_peak()
+        now = rss_mb()
+        self.anon, self.file, self.started = now["RssAnon"], now["RssFile"], time.perf_counter()
+
+    def close(self) -> None:
+        self._end_phase()
+        self.current = None
+        self.stop.set()
+        self.sampler.join()
+        super().close()
 
 
 def draw(n: int, dim: int, seed: int) -> np.ndarray:
@@ -76,24 +138,26 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 50_
 
 def build(args) -> dict:
     faiss.omp_set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="ragbook-scaling-", dir=args.tmp))
+    work = Path(args.work or tempfile.mkdtemp(prefix="ragbook-scaling-", dir=args.tmp))
+    work.mkdir(parents=True, exist_ok=True)
     params = {**default_params("ivfpq", args.n, args.dim), "nlist": args.nlist}
-    before = rss_mb()
-    t0 = time.perf_counter()
-
-    def shard_vectors(start: int, end: int) -> np.ndarray:
-        nonlocal encoding_peak
-        encoding_peak = peak_mb()  # the peak so far: of the encoding phase, at the last shard
-        return draw(end - start, args.dim, seed=1 + start // args.shard_size)
-
-    encoding_peak = 0.0
-    shards.build_streamed(shard_vectors, args.n, args.dim, work, args.shard_size, params,
-                          progress=True)
-    seconds = time.perf_counter() - t0
-    peak = peak_mb()
+    logger = logging.getLogger(shards.__name__)
+    logger.setLevel(logging.INFO)
+    before = rss_mb()  # the baseline: Python, NumPy, FAISS, ragbook imported
+    memory = PhaseMemory(before["VmRSS"], work / "memory.json")
+    logger.addHandler(memory)
+    try:
+        shards.build_streamed(lambda s, e: draw(e - s, args.dim, seed=1 + s // args.shard_size),
+                              args.n, args.dim, work, args.shard_size, params, progress=True)
+    finally:
+        logger.removeHandler(memory)
+        memory.close()
+    seconds = sum(row["seconds"] for row in memory.phases.values())
+    peak = max(row["peak_mb"] for row in memory.phases.values())
     compressed = sum((work / f).stat().st_size for f in ("index.faiss", shards.IVFDATA_FILE))
     shard = args.shard_size * args.dim * 4
     target = (1.5 * compressed + shard) / 2**20
+    added = max(row["added_mb"] for row in memory.phases.values())
 
     queries = draw(args.queries, args.dim, seed=10**6)
     loaded = rss_mb()
@@ -120,9 +184,9 @@ def build(args) -> dict:
             "build_seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1),
             "rss_before_build_mb": before, "compressed_index_mb": round(compressed / mb, 1),
             "one_shard_mb": round(shard / mb, 1), "target_mb": round(target, 1),
-            "peak_over_target": round(peak / target, 3),
-            "build_added_mb": round(peak - before["VmRSS"], 1),
-            "peak_rss_encoding_mb": round(encoding_peak, 1),
+            "build_added_mb": round(added, 1), "added_over_target": round(added / target, 3),
+            "phases": {name: {k: round(v, 1) for k, v in row.items()}
+                       for name, row in memory.phases.items()}, "build_runs": memory.runs,
             "flat_vectors_mb": round(args.n * args.dim * 4 / mb, 1),
             "rss_before_open_mb": loaded, "rss_opened_mb": opened, "search": rows,
             "threads": args.threads, "machine": platform.platform(),
@@ -196,6 +260,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tmp", default=None, help="where the build's files go (default: /tmp)")
+    p.add_argument("--work", help="build here and keep it if interrupted: the next run with "
+                                  "the same arguments resumes it (default: a new folder)")
     p.add_argument("--out")
     for name in ("train", "train-worker"):
         p = sub.add_parser(name)

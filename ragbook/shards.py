@@ -22,10 +22,13 @@ returns what a one-shot IVF-PQ build with the same parameters returns.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,17 +53,63 @@ from .index import (
 if TYPE_CHECKING:
     from .config import Preset
 
-if TYPE_CHECKING:
-    from .config import Preset
-
 IVFDATA_FILE, VECTORS_FILE, WORK_DIR = "index.ivfdata", "vectors.npy", ".shards"
-ADD_BATCH = 8_192  # vectors handed to FAISS's add at a time
+CHUNK_ROWS = 8_192  # rows of a shard file read (and handed to FAISS's add) at a time
+# build_streamed logs the start of each phase at INFO, the phase's name first (benchmarks
+# measure each phase's memory from these records)
+PHASES = ("encode", "train", "add", "merge", "vectors")
+log = logging.getLogger(__name__)
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+def _release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing). glibc keeps freed blocks of up to tens of MB resident for reuse, so without it a
+    phase's temporaries (a shard, FAISS's residuals) would stay resident into the next phase."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _gather(rows: np.ndarray, bounds: list[tuple[int, int]], shard_files: list[Path],
+            dim: int) -> np.ndarray:
+    """The vectors of ``rows`` (sorted), read from the shard files a chunk at a time."""
+    sample = np.empty((len(rows), dim), np.float32)
+    for (s, _), f in zip(bounds, shard_files):
+        for at, block in _read_chunks(f):
+            lo, hi = np.searchsorted(rows, (s + at, s + at + len(block)))
+            sample[lo:hi] = block[rows[lo:hi] - s - at]
+    return sample
+
+
+def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the ``.npy`` file open in ``f``, which is left at its first byte of
+    data."""
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _read_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """A shard file's rows ``rows`` at a time, as (first row, rows), read into one reused
+    buffer: only the buffer is resident, where a memory map would keep every page it touched
+    resident until unmapped. Each yielded array is overwritten by the next."""
+    with open(path, "rb") as f:
+        (n, dim), dtype = _read_header(f)
+        buffer = np.empty((min(rows, n), dim), dtype)
+        for start in range(0, n, rows):
+            block = buffer[:min(rows, n - start)]
+            if f.readinto(memoryview(block).cast("B")) != block.nbytes:
+                raise DataError(f"{path} is truncated; delete it and rerun the build")
+            yield start, block
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
@@ -79,11 +128,14 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
     """Write an on-disk IVF-PQ index of ``n`` vectors into ``directory``, one shard at a time.
 
     ``shard_vectors(start, end)`` returns d(z) for rows ``start:end`` (float32, (end-start,
-    dim)); it is called once per shard, and never again for a shard already on disk. Peak
-    memory is about one shard, the training sample and one shard's codes. ``params`` override
-    :func:`~ragbook.index.default_params` for ``ivfpq``. Resumable: the work lives in
-    ``directory/.shards`` until the merge; a build started with other settings is refused.
-    Returns the parameters used.
+    dim)); it is called once per shard, and never again for a shard already on disk, and the
+    build lets go of each shard before it asks for the next. Shard files are read back a
+    chunk at a time into one buffer, never memory-mapped whole, so the peak memory is the
+    largest of: one shard with the encoder's temporaries; the training sample with FAISS's
+    residuals of it; the merge's pages of the shards' codes and of ``index.ivfdata``.
+    ``params`` override :func:`~ragbook.index.default_params` for ``ivfpq``. Resumable: the
+    work lives in ``directory/.shards`` until the merge; a build started with other settings
+    is refused. Returns the parameters used.
     """
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1, not {shard_size}")
@@ -101,51 +153,65 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
     block_files = [work / f"block-{i:05d}.faiss" for i in range(len(bounds))]
     quiet = not progress
 
-    for (start, end), f in zip(tqdm(bounds, desc="encoding shards", unit="shard",
-                                    disable=quiet), shard_files):
+    for i, ((start, end), f) in enumerate(zip(tqdm(bounds, desc="encoding shards",
+                                                   unit="shard", disable=quiet), shard_files)):
         if f.exists():
             continue
+        log.info("%s: shard %d of %d, rows %d:%d", "encode", i + 1, len(bounds), start, end)
         v = np.ascontiguousarray(shard_vectors(start, end), dtype=np.float32)
-        if v.shape != (end - start, dim) or not np.isfinite(v).all():
+        if v.shape != (end - start, dim) or not all(
+                np.isfinite(v[at:at + CHUNK_ROWS]).all() for at in range(0, len(v), CHUNK_ROWS)):
             raise DataError(f"shard {start}:{end}: expected {(end - start, dim)} finite "
                             f"vectors, got {v.shape}; check the encoder")
         _save_npy(v, f)
+        del v
+        _release_freed_memory()
 
     trained = work / "trained.faiss"
-    if not trained.exists():  # k-means on the sample, gathered shard by shard
-        rows = training_rows(n, chosen, seed)
-        sample = np.concatenate([np.load(f, mmap_mode="r")[rows[(rows >= s) & (rows < e)] - s]
-                                 for (s, e), f in zip(bounds, shard_files)])
+    if not trained.exists():  # k-means on the sample, read shard by shard into one array
+        rows = training_rows(n, chosen, seed)  # sorted
+        log.info("%s: IVF-PQ on %d sampled rows", "train", len(rows))
+        sample = _gather(rows, bounds, shard_files, dim)
         index = _make_faiss_index("ivfpq", dim, chosen, rerank=False)
-        index.train(sample)
+        index.train(sample)  # FAISS adds its residuals of the sample: twice its size at most
         del sample
         _write_index(index, trained)
+        del index
+        _release_freed_memory()
 
-    for (start, end), shard, block in zip(tqdm(bounds, desc="adding shards", unit="shard",
-                                               disable=quiet), shard_files, block_files):
+    for i, ((start, _), shard, block) in enumerate(zip(
+            tqdm(bounds, desc="adding shards", unit="shard", disable=quiet), shard_files,
+            block_files)):
         if block.exists():
             continue
-        index, rows = faiss.read_index(str(trained)), np.load(shard, mmap_mode="r")
-        for at in range(0, len(rows), ADD_BATCH):  # FAISS's buffers: one batch, not a shard
-            index.add_with_ids(rows[at:at + ADD_BATCH],
-                               np.arange(start + at, min(start + at + ADD_BATCH, end)))
-        del rows
+        log.info("%s: shard %d of %d", "add", i + 1, len(bounds))
+        index = faiss.read_index(str(trained))
+        for at, rows in _read_chunks(shard):  # FAISS's buffers: one chunk, not a shard
+            index.add_with_ids(rows, np.arange(start + at, start + at + len(rows)))
         _write_index(index, block)
-        del index
+        del index, rows
+        _release_freed_memory()
 
+    log.info("%s: %d shards' inverted lists into %s", "merge", len(bounds), IVFDATA_FILE)
     index = faiss.read_index(str(trained))  # the merge: codes into one on-disk file
     (directory / IVFDATA_FILE).unlink(missing_ok=True)
+    # merge_ondisk maps the blocks (their codes are read through the page cache) and never
+    # unmaps them: their pages stay resident, and their disk space used, until the process ends
     faiss.contrib.ondisk.merge_ondisk(index, [str(b) for b in block_files],
                                       str(directory / IVFDATA_FILE))
     _write_index(index, directory / INDEX_FILE)
     del index
+    _release_freed_memory()
 
+    log.info("%s: %d shards into %s", "vectors", len(bounds), VECTORS_FILE)
     tmp = directory / f".{VECTORS_FILE}.tmp"  # the raw vectors, streamed, for re-ranking
     with open(tmp, "wb") as out:
         np.lib.format.write_array_header_1_0(
             out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
         for f in shard_files:
-            out.write(np.load(f, mmap_mode="r").data)  # page by page, never a copy
+            with open(f, "rb") as shard:
+                _read_header(shard)
+                shutil.copyfileobj(shard, out)  # file to file, a buffer at a time
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, directory / VECTORS_FILE)
@@ -204,10 +270,16 @@ def synthetic_embeddings(n: int, dim: int, clusters: int, latent: int, seed: int
     basis = (structure.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
     rng = np.random.default_rng(seed)
     out = np.empty((n, dim), dtype=np.float32)
-    for s in range(0, n, chunk):
+    for s in range(0, n, chunk):  # in place in ``out``, one (chunk, dim) temporary at a time
         m = min(chunk, n - s)
-        x = centres[rng.integers(0, clusters, m)] * centre_scale
-        x += rng.standard_normal((m, latent), dtype=np.float32) @ basis
-        x += noise * rng.standard_normal((m, dim), dtype=np.float32)
-        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        x = out[s:s + m]
+        labels = rng.integers(0, clusters, m)
+        np.matmul(rng.standard_normal((m, latent), dtype=np.float32), basis, out=x)
+        part = centres[labels]
+        x += np.multiply(part, centre_scale, out=part)
+        del part
+        part = rng.standard_normal((m, dim), dtype=np.float32)
+        x += np.multiply(part, noise, out=part)
+        del part
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
     return out

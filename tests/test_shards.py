@@ -1,5 +1,7 @@
 """Streamed shard builds (ragbook.shards): the same search as a one-shot IVF-PQ, resumable."""
 
+import weakref
+
 import numpy as np
 import pytest
 from test_index import DIM, META, K, clustered, corpus  # the same structured toy vectors
@@ -22,12 +24,18 @@ def queries():
 
 
 def _source(vectors, calls=None, fail_at=None):
+    given = []  # weak references to the shards handed to the build
+
     def shard_vectors(start, end):
+        # one shard in memory at a time: the build has let go of the last one
+        assert all(ref() is None for ref in given), "the previous shard is still held"
         if calls is not None:
             calls.append(start)
         if start == fail_at:
             raise KeyboardInterrupt  # the build is stopped while encoding this shard
-        return vectors[start:end]
+        shard = vectors[start:end]
+        given.append(weakref.ref(shard))
+        return shard
     return shard_vectors
 
 
