@@ -309,7 +309,7 @@ def cmd_exercises(args: argparse.Namespace) -> int:
     try:
         if args.action == "build":
             _writable_dir(args.out, "--out")
-            for r in exercises.build(args.out, timeout=args.timeout):
+            for r in exercises.build(args.out, timeout=args.timeout, jobs=args.jobs):
                 print(f"{r['assignment']}: {r['questions']} questions, {r['points']:g} points, "
                       f"reference full marks ({r['seconds']:.0f} s)")
             print(f"autograders -> {args.out}; student notebooks -> "
@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default exercises/dist)")
     p.add_argument("--timeout", type=_positive_float, default=300.0,
                    help="seconds allowed to grade each reference solution (default 300)")
+    p.add_argument("--jobs", type=count, default=1,
+                   help="reference solutions graded at once (default 1; one per CPU core)")
     p.set_defaults(func=cmd_exercises, on_interrupt="autograders already built stay")
     p = actions.add_parser(
         "grade", help="grade submitted notebooks",

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,15 @@ def _local_only(self, address):
 
 
 socket.socket.connect = _local_only
+'''
+# Also there: jsonschema (under nbformat, under otter, imported by otter and again by the kernel)
+# compiles some 35 Earley parsers for its "iri" formats at import when rfc3987-syntax is
+# installed (jupyterlab brings it): seconds of every grading, for formats no notebook schema uses
+# (python-jsonschema/jsonschema#1428). Marked absent, jsonschema leaves those formats unchecked.
+SKIP_SLOW_IMPORTS = '''
+import sys
+
+sys.modules.setdefault("rfc3987_syntax", None)
 '''
 
 
@@ -123,44 +133,75 @@ def student_notebook(otter_student: Path) -> bytes:
 
 def build(out: str | Path, source: str | Path = EXERCISES / "source",
           student_dir: str | Path | None = EXERCISES / "student",
-          timeout: float = TIMEOUT) -> list[dict]:
+          timeout: float = TIMEOUT, jobs: int = 1) -> list[dict]:
     """Run ``otter assign`` on every master notebook.
 
     Writes ``out/NN_name-autograder.zip`` (all tests) and ``student_dir/NN_name.ipynb``, once
     the reference solution (otter's autograder notebook) has scored full marks through
-    :func:`grade_one`, as a submission would; refuses otherwise. Returns one record per
-    assignment: name, total points, number of questions, seconds.
+    :func:`grade_one`, as a submission would; refuses otherwise. ``jobs`` references are graded
+    at once, as in :func:`grade`. Returns one record per assignment: name, total points, number
+    of questions, seconds (otter assign and the grading of its reference).
     """
     from otter.assign import main as otter_assign
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for master in masters(source):
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=f"{master.stem}-assign-") as tmp:
-            result = Path(tmp) / "dist"
+    with tempfile.TemporaryDirectory(prefix="ragbook-assign-") as tmp:
+        assigned = []  # (master, autograder zip, seconds otter assign took)
+        for master in masters(source):
+            start = time.perf_counter()
+            result = Path(tmp) / master.stem
             try:  # otter's own check of the reference runs in-process, without a time limit:
                 otter_assign(str(master), str(result), no_run_tests=True)  # grade_one runs it
             except Exception as e:  # otter's message: a format error in the master notebook
                 raise ExerciseError(f"{master.name}: otter assign failed: {e}") from e
-            zipped = next((result / "autograder").glob("*-autograder_*.zip"))
-            reference = grade_one(result / "autograder" / master.name, zipped.parent, timeout,
-                                  zipped)
-            if reference[-1].points != reference[-1].max_points:
-                failed = "; ".join(f"{r.question}: {r.reason}" for r in reference[:-1]
+            assigned.append((master, next((result / "autograder").glob("*-autograder_*.zip")),
+                             time.perf_counter() - start))
+
+        def reference(job: tuple[Path, Path, float]) -> tuple[list[Score], float]:
+            master, zipped, _ = job
+            start = time.perf_counter()
+            rows = grade_one(zipped.parent / master.name, zipped.parent, timeout, zipped,
+                             _share(jobs))
+            return rows, time.perf_counter() - start
+
+        for (master, zipped, assigning), (rows, grading) in zip(
+                assigned, _pool(reference, assigned, jobs)):
+            if rows[-1].points != rows[-1].max_points:
+                failed = "; ".join(f"{r.question}: {r.reason}" for r in rows[:-1]
                                    if r.points != r.max_points)
                 raise ExerciseError(f"{master.name}: the reference solution scores "
-                                    f"{reference[-1].points:g}/{reference[-1].max_points:g} "
+                                    f"{rows[-1].points:g}/{rows[-1].max_points:g} "
                                     f"({failed}); fix the master notebook")
             atomic_write_bytes(out / f"{master.stem}-autograder.zip", zipped.read_bytes())
             if student_dir is not None:
-                atomic_write_bytes(Path(student_dir) / master.name,
-                                   student_notebook(result / "student" / master.name))
-        records.append({"assignment": master.stem, "points": reference[-1].max_points,
-                        "questions": len(reference) - 1,
-                        "seconds": round(time.perf_counter() - start, 1)})
+                atomic_write_bytes(Path(student_dir) / master.name, student_notebook(
+                    zipped.parent.parent / "student" / master.name))
+            records.append({"assignment": master.stem, "points": rows[-1].max_points,
+                            "questions": len(rows) - 1,
+                            "seconds": round(assigning + grading, 1)})
     return records
+
+
+def _pool(work: Callable, items: list, jobs: int) -> Iterator:
+    """``work`` over ``items``, ``jobs`` at once, results in order: threads, each waiting on
+    the grading process it started (one per CPU core is the most that helps). Stopped early,
+    what has not started is cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        yield from pool.map(work, items)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _share(jobs: int) -> int:
+    """Each of ``jobs`` gradings' share of the CPU cores: with more threads than cores, torch's
+    thread barriers make every one of them slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, jobs))
 
 
 # --------------------------------------------------------------------------- grade
@@ -209,18 +250,22 @@ def submissions_in(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def _run_otter(submission: Path, autograder: Path, timeout: float) -> tuple[dict | None, str]:
-    """``otter run`` in its own process and temporary directory: (results.json or None, why)."""
+def _run_otter(submission: Path, autograder: Path, timeout: float,
+               threads: int | None = None) -> tuple[dict | None, str]:
+    """``otter run`` in its own process and temporary directory: (results.json or None, why).
+    ``threads``: its share of the CPU cores (OpenMP threads), unless OMP_NUM_THREADS is set."""
     with tempfile.TemporaryDirectory(prefix="ragbook-grade-") as tmp:
         work = Path(tmp)
         (work / "guard").mkdir()
-        (work / "guard" / "sitecustomize.py").write_text(NO_NETWORK)
+        (work / "guard" / "sitecustomize.py").write_text(NO_NETWORK + SKIP_SLOW_IMPORTS)
         shutil.copy(autograder, work / "autograder.zip")
         shutil.copy(submission, work / "submission.ipynb")
         env = dict(os.environ, TMPDIR=str(work), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(work / "guard"),
                                                             os.environ.get("PYTHONPATH")])))
+        if threads and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "otter", "run", "--no-logo", "-a", "autograder.zip",
                "-o", "results", "submission.ipynb"]
         (work / "results").mkdir()
@@ -252,11 +297,12 @@ def _reason(output: str) -> str:
 
 
 def grade_one(submission: Path, autograders: Path, timeout: float = TIMEOUT,
-              autograder: Path | None = None) -> list[Score]:
+              autograder: Path | None = None, threads: int | None = None) -> list[Score]:
     """Grade one submission: a row per question of its assignment, then its total.
 
     The autograder is ``autograders/NAME-autograder.zip`` for the assignment NAME the
-    notebook's metadata gives, unless ``autograder`` is given."""
+    notebook's metadata gives, unless ``autograder`` is given. ``threads``: as in
+    :func:`_run_otter`."""
     try:
         name = assignment_of(submission)
     except ValueError as e:
@@ -266,7 +312,7 @@ def grade_one(submission: Path, autograders: Path, timeout: float = TIMEOUT,
         return [Score(str(submission), name, "total", 0.0, 0.0,
                       f"unknown assignment {name!r}: no {autograder.name} in {autograders}")]
     possible = max_points(autograder)
-    results, why = _run_otter(submission, autograder, timeout)
+    results, why = _run_otter(submission, autograder, timeout, threads)
     got = {t["name"]: t for t in (results or {}).get("tests", []) if t["name"] in possible}
     rows = []
     for question, top in possible.items():
@@ -288,8 +334,6 @@ def grade(submissions: list[str | Path], autograders: str | Path, out_csv: str |
     zero where it did not run and says why; the batch always goes on. ``jobs`` submissions
     are graded at once, each still in its own process (one per CPU core is the most that
     helps)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from tqdm.auto import tqdm
 
     autograders = Path(autograders)
@@ -300,11 +344,12 @@ def grade(submissions: list[str | Path], autograders: str | Path, out_csv: str |
     if not files:
         raise ExerciseError("no submissions found; give notebooks or directories of them")
     rows: list[Score] = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads wait on processes
-        graded = pool.map(lambda path: grade_one(path, autograders, timeout), files)
-        for one in tqdm(graded, total=len(files), desc="grading", unit="submission",
-                        disable=not progress):
-            rows += one
+    threads = _share(jobs)
+    graded = _pool(lambda path: grade_one(path, autograders, timeout, threads=threads), files,
+                   jobs)
+    for one in tqdm(graded, total=len(files), desc="grading", unit="submission",
+                    disable=not progress):
+        rows += one
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(Score.__dataclass_fields__))
     writer.writeheader()
