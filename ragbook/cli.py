@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -306,6 +307,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_exercises(args: argparse.Namespace) -> int:
     from . import exercises
 
+    def interrupted(signum, frame):  # `kill`, `timeout`, a scheduler: stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    # the running gradings are killed on the way out (exercises._pool), not left orphaned
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return _exercises(args, exercises)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exercises(args: argparse.Namespace, exercises) -> int:
     try:
         if args.action == "build":
             _writable_dir(args.out, "--out")

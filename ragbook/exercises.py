@@ -17,6 +17,7 @@ temporary tests directory and points ``otter.Notebook`` at it, in Jupyter and on
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import io
 import json
@@ -184,15 +185,24 @@ def build(out: str | Path, source: str | Path = EXERCISES / "source",
     return records
 
 
+_RUNNING: set[int] = set()  # process groups of the otter runs under way
+
+
 def _pool(work: Callable, items: list, jobs: int) -> Iterator:
     """``work`` over ``items``, ``jobs`` at once, results in order: threads, each waiting on
     the grading process it started (one per CPU core is the most that helps). Stopped early,
-    what has not started is cancelled."""
+    what has not started is cancelled and what has is killed, so that no otter run outlives
+    the command."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
         yield from pool.map(work, items)
+    except BaseException:  # Ctrl-C, SIGTERM (``ragbook`` turns it into Ctrl-C), an error
+        for group in list(_RUNNING):  # the gradings under way die with the batch
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
 
@@ -272,6 +282,7 @@ def _run_otter(submission: Path, autograder: Path, timeout: float,
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        _RUNNING.add(proc.pid)
         try:
             log, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -279,6 +290,7 @@ def _run_otter(submission: Path, autograder: Path, timeout: float,
             proc.communicate()
             return None, f"timed out after {timeout:g} s"
         finally:
+            _RUNNING.discard(proc.pid)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         results = work / "results" / "results.json"

@@ -9,7 +9,11 @@ seconds of CPU, most of it starting otter, a kernel and torch: two run at once o
 """
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,6 +186,41 @@ def test_a_loop_is_stopped_at_the_time_limit_and_the_batch_goes_on(built, tmp_pa
     assert "not an exercise notebook" in total[str(essay)].reason
     assert timeout <= seconds < timeout + 30  # stopped at its limit, the next one graded at once
     assert str(essay) in capsys.readouterr().out
+
+
+def test_a_terminated_grade_leaves_no_grading_running(built, tmp_path):
+    """SIGTERM (``kill``, ``timeout``) stops ``ragbook exercises grade`` as Ctrl-C does, and the
+    otter run under way — in a session of its own — dies with it instead of living on."""
+    dist, _, _ = built
+    reached = tmp_path / "kernel-pid"
+    nb = nbformat.read(STUDENT / "07_evaluation.ipynb", as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(
+        f"import os\nopen({str(reached)!r}, 'w').write(str(os.getpid()))\nwhile True:\n"
+        "    pass"))
+    looping = tmp_path / "looping.ipynb"
+    nbformat.write(nb, looping)
+    proc = subprocess.Popen([sys.executable, "-m", "ragbook.cli", "exercises", "grade",
+                             str(looping), "--autograders", str(dist), "--out",
+                             str(tmp_path / "s.csv"), "--timeout", "120"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while not (reached.exists() and reached.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert reached.exists(), "the submission's kernel never started"
+    kernel = int(reached.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err.decode()
+    # the kernel has a session of its own too; it exits within a second or so of its parent,
+    # the otter run that was killed (ipykernel's parent poller)
+    for _ in range(150):
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the grading kernel {kernel} outlived the command")
 
 
 def test_public_tests_run_on_colab_without_a_tests_folder(tmp_path, monkeypatch):
