@@ -212,8 +212,12 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
     decoder_input_ids = shift_right(labels_k, cfg.decoder_start_token_id, cfg.pad_token_id)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    decoder_input_ids=decoder_input_ids, use_cache=False).logits
-    logprobs = logits.float().log_softmax(-1).gather(-1, labels_k.unsqueeze(-1)).squeeze(-1)
-    return logprobs.view(batch, n_docs, -1)
+    return gold_logprobs(logits, labels_k).view(batch, n_docs, -1)
+
+
+def gold_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p_θ(y_i | …) of each label token from the decoder's logits (…, T, vocab): (…, T)."""
+    return logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------- closed book

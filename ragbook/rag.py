@@ -42,7 +42,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from .config import Preset
-from .generator import pad, shift_right
+from .generator import gold_logprobs, pad, shift_right
 
 # ---------------------------------------------------------------------------------------------
 # The marginalizations
@@ -189,9 +189,8 @@ def _score(model, encoder_hidden: Tensor, encoder_mask: Tensor, rows: Tensor,
                        attention_mask=encoder_mask[flat],
                        decoder_input_ids=shift_right(labels_k, cfg.decoder_start_token_id,
                                                      cfg.pad_token_id),
-                       use_cache=False).logits.float()
-        logprobs = logits.gather(-1, labels_k[..., None])[..., 0] - logits.logsumexp(-1)
-        out[chunk, :, :t] = logprobs.view(len(chunk), k, t)
+                       use_cache=False).logits
+        out[chunk, :, :t] = gold_logprobs(logits, labels_k).view(len(chunk), k, t)
     return out
 
 
