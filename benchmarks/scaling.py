@@ -13,8 +13,10 @@ fresh draw from the same mixture), in this process, then
   anonymous and file-backed parts (memory-mapped pages count as resident) sampled every few
   milliseconds;
 - recall@10 after re-ranking against exact search (a streamed scan of ``vectors.npy``);
-- the resident memory the memory-mapped index adds to a process (anonymous and file-backed,
-  from ``/proc/self/status``) to run those searches.
+- the resident memory that opening the index (``DenseIndex.load(dir, mmap=True)``: codes,
+  re-ranking vectors and passages all left on disk) and then running those searches add to a
+  fresh process, anonymous and file-backed (from ``/proc/self/status``): what each rank of a
+  data-parallel run pays. ``n`` synthetic passages ("p0", "p1", …) are saved with the index.
 
 ``train``: tokens/s of ``train.train_rag`` on the tiny preset with 1 and with 2 processes
 (torchrun, gloo on CPU), the same global batch.
@@ -159,23 +161,16 @@ def build(args) -> dict:
     target = (1.5 * compressed + shard) / 2**20
     added = max(row["added_mb"] for row in memory.phases.values())
 
+    shards.save_streamed(work, params, [Passage(f"p{i}", "", "") for i in range(args.n)],
+                         args.dim, args.shard_size)
     queries = draw(args.queries, args.dim, seed=10**6)
-    loaded = rss_mb()
-    index = faiss.read_index(str(work / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    np.save(work / "queries.npy", queries)
+    subprocess.run([sys.executable, __file__, "open-worker", "--work", str(work),
+                    "--threads", str(args.threads)], check=True, timeout=1800)
+    opening = json.loads((work / "opening.json").read_text())
     vectors = np.load(work / shards.VECTORS_FILE, mmap_mode="r")
-    one = Passage("p", "", "")  # one passage object for every row: the index's memory alone
-    dense = DenseIndex(index, [one] * args.n, {"kind": "ivfpq", "params": params}, vectors)
-    opened = rss_mb()
-    rows = []
-    for k_factor in (1, 8):
-        dense.set_search_params(k_factor=k_factor)
-        t = time.perf_counter()
-        found = dense.search(queries, K).indices
-        rows.append({"k_factor": k_factor, "nprobe": params["nprobe"], "found": found,
-                     "qps": round(len(queries) / (time.perf_counter() - t), 1),
-                     "rss_mb": rss_mb()})
-    exact = exact_top(vectors, queries, K)  # after the searches: its pages are not theirs
-    for row in rows:
+    exact = exact_top(vectors, queries, K)
+    for row in opening["search"]:
         row["recall@10"] = float(np.mean([len(set(f) & set(e)) / K
                                           for f, e in zip(row.pop("found"), exact)]))
     shutil.rmtree(work)
@@ -188,9 +183,30 @@ def build(args) -> dict:
             "phases": {name: {k: round(v, 1) for k, v in row.items()}
                        for name, row in memory.phases.items()}, "build_runs": memory.runs,
             "flat_vectors_mb": round(args.n * args.dim * 4 / mb, 1),
-            "rss_before_open_mb": loaded, "rss_opened_mb": opened, "search": rows,
+            **opening,
             "threads": args.threads, "machine": platform.platform(),
             "cpus": os.cpu_count(), "faiss": faiss.__version__}
+
+
+def open_worker(args) -> None:
+    """A fresh process opens the saved index mapped and searches it: what it adds to memory."""
+    faiss.omp_set_num_threads(args.threads)
+    work = Path(args.work)
+    queries = np.load(work / "queries.npy")
+    loaded = rss_mb()
+    dense = DenseIndex.load(work, mmap=True)
+    opened = rss_mb()
+    rows = []
+    for k_factor in (1, 8):
+        dense.set_search_params(k_factor=k_factor)
+        t = time.perf_counter()
+        found = dense.search(queries, K).indices
+        rows.append({"k_factor": k_factor, "nprobe": dense.metadata["params"]["nprobe"],
+                     "found": found.tolist(),
+                     "qps": round(len(queries) / (time.perf_counter() - t), 1),
+                     "rss_mb": rss_mb()})
+    (work / "opening.json").write_text(json.dumps(
+        {"rss_before_open_mb": loaded, "rss_opened_mb": opened, "search": rows}))
 
 
 def train_worker(args) -> None:
@@ -263,6 +279,9 @@ def main() -> None:
     p.add_argument("--work", help="build here and keep it if interrupted: the next run with "
                                   "the same arguments resumes it (default: a new folder)")
     p.add_argument("--out")
+    p = sub.add_parser("open-worker")
+    p.add_argument("--work", required=True)
+    p.add_argument("--threads", type=int, default=1)
     for name in ("train", "train-worker"):
         p = sub.add_parser(name)
         p.add_argument("--steps", type=int, default=6)
@@ -270,8 +289,8 @@ def main() -> None:
         p.add_argument("--result")
         p.add_argument("--out")
     args = parser.parse_args()
-    if args.command == "train-worker":
-        return train_worker(args)
+    if args.command in ("train-worker", "open-worker"):
+        return (train_worker if args.command == "train-worker" else open_worker)(args)
     result = build(args) if args.command == "build" else train_bench(args)
     print(json.dumps(result, indent=2))
     if args.out:

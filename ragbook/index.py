@@ -25,11 +25,13 @@ Three FAISS index kinds, all with the inner-product metric:
   it visits, the k_factor·k vectors it re-scores) are read from disk.
 
 An index on disk is a directory: ``index.faiss`` (FAISS's own format, ``faiss.write_index``),
-``meta.json`` (encoder, pooling, dimension, metric, kind, sizes and checksums) and
-``passages.jsonl``. No pickle: every file can be read by other tools. The paper's BM25 baseline
-saves the same way (:func:`save_bm25`, bm25s's own arrays in ``bm25/``), and a *fusion*
-directory holds one of each, ``dense/`` and ``bm25/``, whose rankings are fused at search time
-(``retriever.FusionRetriever``). :func:`build_index` writes any of the three and
+``meta.json`` (encoder, pooling, dimension, metric, kind, sizes and checksums),
+``passages.jsonl`` and ``passages.offsets.npy`` (where each passage's line starts). Opened with
+``mmap=True`` the passages stay on disk too (:class:`PassageFile`): an index of any size opens
+with no resident memory per passage. No pickle: every file can be read by other tools. The
+paper's BM25 baseline saves the same way (:func:`save_bm25`, bm25s's own arrays in ``bm25/``),
+and a *fusion* directory holds one of each, ``dense/`` and ``bm25/``, whose rankings are fused
+at search time (``retriever.FusionRetriever``). :func:`build_index` writes any of the three and
 :func:`open_index` reads any of them back as a retriever: ``ragbook index`` and ``ragbook
 search`` are these two functions.
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap as _mmap
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -64,6 +67,7 @@ INDEX_RETRIEVERS = ("dense", "bm25", "fusion")
 METRIC = "inner_product"
 FORMAT = 1
 INDEX_FILE, META_FILE, PASSAGES_FILE = "index.faiss", "meta.json", "passages.jsonl"
+OFFSETS_FILE = "passages.offsets.npy"
 REBUILD = "rebuild it with `ragbook index`"
 
 # HNSW: links per node, candidate-list sizes while building and while searching.
@@ -105,16 +109,52 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def _write_passages(path: Path, passages: Sequence[Passage]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for p in passages:
-            f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+def _write_passages(directory: Path, passages: Sequence[Passage]) -> None:
+    """``passages.jsonl``, one JSON object a line, and ``passages.offsets.npy``: the n + 1 byte
+    offsets at which the lines start (the last one the file's size)."""
+    offsets = np.empty(len(passages) + 1, dtype=np.int64)
+    offsets[0] = 0
+    with open(directory / PASSAGES_FILE, "wb") as f:
+        for i, p in enumerate(passages, start=1):
+            f.write(json.dumps(asdict(p), ensure_ascii=False).encode() + b"\n")
+            offsets[i] = f.tell()
+    np.save(directory / OFFSETS_FILE, offsets)
 
 
-def _read_passages(directory: Path, meta: dict) -> list[Passage]:
-    """The passages saved beside an index, refused unless they are those it was built on."""
-    with open(directory / PASSAGES_FILE, encoding="utf-8") as f:
-        passages = [Passage(**json.loads(line)) for line in f if line.strip()]
+class PassageFile(Sequence[Passage]):
+    """The passages of a saved index, read from disk when asked for: ``passages.jsonl`` and its
+    line offsets are memory-mapped, so opening costs no resident memory per passage and a
+    search decodes only the k lines it returns (what a memory-mapped FAISS index does for
+    vectors, :meth:`DenseIndex.load` with ``mmap=True``)."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        self.offsets = np.load(directory / OFFSETS_FILE, mmap_mode="r")
+        with open(directory / PASSAGES_FILE, "rb") as f:
+            self._data = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ) \
+                if self.offsets[-1] else b""
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"passage {i} of {n}")
+        return Passage(**json.loads(self._data[self.offsets[j]:self.offsets[j + 1]]))
+
+
+def _read_passages(directory: Path, meta: dict, lazy: bool = False) -> Sequence[Passage]:
+    """The passages saved beside an index (left on disk if ``lazy``, :class:`PassageFile`),
+    refused unless they are those it was built on."""
+    if lazy:
+        passages: Sequence[Passage] = PassageFile(directory)
+    else:
+        with open(directory / PASSAGES_FILE, encoding="utf-8") as f:
+            passages = [Passage(**json.loads(line)) for line in f if line.strip()]
     if len(passages) != meta.get("count") \
             or corpus_fingerprint(passages) != meta.get("fingerprint"):
         raise DataError(f"{directory}: the passages do not match the index; {REBUILD}")
@@ -172,22 +212,25 @@ class DenseIndex:
     :meth:`load`, and replace the corpus at run time with :meth:`swap`.
     """
 
-    def __init__(self, index: faiss.Index, passages: list[Passage], metadata: dict[str, Any],
-                 rerank_vectors: np.ndarray | None = None):
+    def __init__(self, index: faiss.Index, passages: Sequence[Passage],
+                 metadata: dict[str, Any], rerank_vectors: np.ndarray | None = None):
         if index.ntotal != len(passages):
             raise ValueError(f"the index holds {index.ntotal} vectors but {len(passages)} "
                              "passages were given; they must be aligned")
         self.index = index
-        self.passages = list(passages)
+        # a PassageFile (a mapped index's passages, left on disk) as it is, anything else copied
+        self.passages = passages if isinstance(passages, PassageFile) else list(passages)
         self.metadata = metadata
         # d(z) kept outside FAISS (a streamed build's vectors.npy, ragbook.shards), often
         # memory-mapped: the best k_factor·k IVF-PQ candidates are re-scored exactly on them,
         # as IndexRefineFlat would on its own copy
         self.rerank_vectors = rerank_vectors
-        # Object arrays make the lookup of n·k results one C loop instead of n·k Python steps.
-        self._passage_array = np.empty(len(self.passages), dtype=object)
-        self._passage_array[:] = self.passages
-        self._id_array = np.array([p.id for p in self.passages], dtype=object)
+        # In memory, an object array makes the lookup of n·k results one C loop instead of
+        # n·k Python steps; a PassageFile decodes just the n·k lines.
+        self._passage_array = None
+        if not isinstance(self.passages, PassageFile):
+            self._passage_array = np.empty(len(self.passages), dtype=object)
+            self._passage_array[:] = self.passages
 
     # ------------------------------------------------------------------ properties
 
@@ -285,13 +328,18 @@ class DenseIndex:
             scores, indices = self._reranked_search(q, k)
         if indices.size and indices.min() < 0:  # fewer than k found: drop the -1 padding
             scores[indices < 0] = -np.inf
-            rows = [row[row >= 0] for row in indices]
-            passages = [self._passage_array[row].tolist() for row in rows]
-            ids = [self._id_array[row].tolist() for row in rows]
+            passages = [self._lookup(row[row >= 0]) for row in indices]
         else:
-            passages = self._passage_array[indices].tolist()
-            ids = self._id_array[indices].tolist()
+            passages = self._lookup(indices)
+        ids = [[p.id for p in row] for row in passages]
         return SearchResult(ids=ids, passages=passages, scores=scores, indices=indices)
+
+    def _lookup(self, rows: np.ndarray) -> list:
+        """The passages at ``rows`` (any shape), as nested lists of that shape."""
+        if self._passage_array is not None:
+            return self._passage_array[rows].tolist()
+        return [self.passages[j] for j in rows.tolist()] if rows.ndim == 1 else \
+            [self._lookup(row) for row in rows]
 
     def _reranked_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         depth = min(self.index.ntotal, self.metadata["params"]["k_factor"] * k)
@@ -382,7 +430,7 @@ class DenseIndex:
         tmp = directory / f".{INDEX_FILE}.tmp"
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, directory / INDEX_FILE)
-        _write_passages(directory / PASSAGES_FILE, self.passages)
+        _write_passages(directory, self.passages)
         sidecars = self.metadata.get("sidecars", [])
         missing = [name for name in sidecars if not (directory / name).is_file()]
         if missing:
@@ -390,7 +438,7 @@ class DenseIndex:
                             "shards is saved where it was built (ragbook.shards)")
         files = {name: {"bytes": (directory / name).stat().st_size,
                         "sha256": _file_sha256(directory / name)}
-                 for name in (INDEX_FILE, PASSAGES_FILE, *sidecars)}
+                 for name in (INDEX_FILE, PASSAGES_FILE, OFFSETS_FILE, *sidecars)}
         meta = {**self.metadata, "files": files}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         return directory
@@ -427,10 +475,13 @@ class DenseIndex:
             if _file_sha256(path) != want["sha256"]:
                 raise DataError(f"{path}: checksum mismatch, the file is corrupted; {REBUILD}")
         # a streamed build's inverted lists are on disk beside the file, always mapped
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("shard_size") else \
+        streamed = bool(meta.get("shard_size"))
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if streamed else \
             faiss.IO_FLAG_MMAP_IFC if mmap else 0
+        mmap = mmap or streamed
         index = faiss.read_index(str(directory / INDEX_FILE), flags)
-        passages = _read_passages(directory, meta)
+        # mapped: the passages stay on disk too (an index saved before the offsets: read)
+        passages = _read_passages(directory, meta, lazy=mmap and OFFSETS_FILE in files)
         if index.ntotal != meta["count"]:
             raise DataError(f"{directory}: the passages do not match the index; {REBUILD}")
         rerank = meta.get("rerank_vectors")
@@ -453,7 +504,7 @@ def save_bm25(retriever: BM25Retriever, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
     retriever.model.save(str(directory / "bm25"), show_progress=False)
-    _write_passages(directory / PASSAGES_FILE, retriever.passages)
+    _write_passages(directory, retriever.passages)
     meta = {"format": FORMAT, "retriever": "bm25", "kind": "bm25",
             "count": len(retriever.passages), "fingerprint": corpus_fingerprint(retriever.passages)}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))

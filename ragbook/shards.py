@@ -228,12 +228,20 @@ def streamed_index(shard_vectors: Callable[[int, int], np.ndarray], passages: Se
     ``DenseIndex.build`` takes) as an index directory; returned memory-mapped."""
     if len(passages) == 0:
         raise DataError("cannot build an index over an empty corpus; give at least one passage")
-    directory = Path(directory)
     chosen = build_streamed(shard_vectors, len(passages), dim, directory, shard_size, params,
                             seed, progress)
+    return save_streamed(directory, chosen, passages, dim, shard_size, metadata)
+
+
+def save_streamed(directory: str | Path, params: dict, passages: Sequence[Passage], dim: int,
+                  shard_size: int, metadata: dict | None = None) -> DenseIndex:
+    """Make the files :func:`build_streamed` wrote in ``directory`` (with its chosen
+    ``params``) an index directory: ``passages`` and ``meta.json`` beside them. Returned
+    memory-mapped, passages included (``index.PassageFile``)."""
+    directory = Path(directory)
     meta = {"format": FORMAT, "encoder": None, "query_encoder": None, "pooling": None,
             "normalize": None, **(metadata or {}), "dim": dim, "metric": METRIC,
-            "kind": "ivfpq", "rerank": True, "params": chosen, "count": len(passages),
+            "kind": "ivfpq", "rerank": True, "params": params, "count": len(passages),
             "fingerprint": corpus_fingerprint(passages), "faiss_version": faiss.__version__,
             "shard_size": shard_size, "sidecars": [IVFDATA_FILE, VECTORS_FILE],
             "rerank_vectors": VECTORS_FILE}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ragbook.data import DataError, Passage, SearchResult, corpus_fingerprint
-from ragbook.index import DenseIndex, default_params
+from ragbook.index import DenseIndex, PassageFile, default_params
 
 DIM, N, K = 32, 3000, 10
 META = {"encoder": "enc-a", "pooling": "mean", "normalize": True}
@@ -131,7 +131,21 @@ def test_save_load_round_trip_gives_identical_results(tmp_path, vectors, queries
         b = loaded.search(queries, K)
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.scores, b.scores)
-        assert a.ids == b.ids and loaded.passages == index.passages
+        assert a.ids == b.ids and list(loaded.passages) == index.passages
+        assert isinstance(loaded.passages, PassageFile) == mmap  # mapped: left on disk
+
+
+def test_a_mapped_index_reads_its_passages_from_disk_as_asked(tmp_path, vectors):
+    passages = corpus(20) + [Passage("ü", "Zürich — “quoted”", "line\nbreak\ttab")]
+    DenseIndex.build(vectors[:21], passages, metadata=META, progress=False).save(tmp_path)
+    on_disk = DenseIndex.load(tmp_path, mmap=True).passages
+    assert len(on_disk) == 21 and on_disk[-1] == passages[-1] == on_disk[20]
+    assert on_disk[3:6] == passages[3:6] and on_disk[-2] == passages[19]
+    with pytest.raises(IndexError):
+        on_disk[21]
+    (tmp_path / "passages.offsets.npy").write_bytes(b"")  # the offsets are checksummed too
+    with pytest.raises(DataError, match="passages.offsets.npy.*truncated or replaced"):
+        DenseIndex.load(tmp_path, mmap=True)
 
 
 @pytest.fixture
@@ -227,8 +241,12 @@ def test_swap_refuses_another_vector_space(flat, vectors):
     assert len(flat) == N and flat.encoder == "enc-a"  # unchanged after a refusal
 
 
-def test_fewer_than_k_found_leaves_padding_out_of_ids_and_passages(vectors, queries):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_fewer_than_k_found_leaves_padding_out_of_ids_and_passages(vectors, queries, mmap,
+                                                                  tmp_path):
     index = DenseIndex.build(vectors, corpus(N), kind="ivfpq", rerank=False, progress=False)
+    if mmap:  # the passages looked up on disk
+        index = DenseIndex.load(index.save(tmp_path), mmap=True)
     index.set_search_params(nprobe=1)  # one cell holds fewer than k = 500 vectors
     result = index.search(queries[:5], 500)
     missing = result.indices < 0

@@ -8,7 +8,7 @@ from test_index import DIM, META, K, clustered, corpus  # the same structured to
 
 from ragbook import shards
 from ragbook.data import DataError
-from ragbook.index import DenseIndex, default_params
+from ragbook.index import DenseIndex, PassageFile, default_params
 
 N, SHARD = 3000, 700  # five shards, the last one short
 
@@ -57,10 +57,14 @@ def test_a_streamed_build_searches_like_a_one_shot_ivfpq(vectors, queries, strea
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
     assert got.ids[0] == [f"p{i}" for i in got.indices[0]]
     assert sorted(p.name for p in directory.iterdir()) == [
-        "index.faiss", "index.ivfdata", "meta.json", "passages.jsonl", "vectors.npy"]
-    in_memory = DenseIndex.load(directory)  # read rather than mapped: the same results
+        "index.faiss", "index.ivfdata", "meta.json", "passages.jsonl", "passages.offsets.npy",
+        "vectors.npy"]
+    in_memory = DenseIndex.load(directory)  # opened again: the same results
     assert (in_memory.search(queries, K).indices == got.indices).all()
     assert isinstance(index.rerank_vectors, np.memmap)
+    # built to outgrow memory, so opened mapped: the vectors and the passages stay on disk
+    assert isinstance(in_memory.rerank_vectors, np.memmap)
+    assert isinstance(in_memory.passages, PassageFile)
     in_memory.set_search_params(k_factor=1)  # no re-ranking depth: PQ's order, lower scores
     assert in_memory.search(queries, K).scores.sum() < got.scores.sum()
 
