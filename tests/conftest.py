@@ -4,12 +4,16 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def fp32(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def fp32():
     """Tests compare ragbook with hand computations and peers in fp32, so bf16 autocast
     (``config.autocast``, on by default where the hardware runs it) is off unless a test
-    turns it back on with ``monkeypatch.setenv("RAGBOOK_BF16", "1")``."""
-    monkeypatch.setenv("RAGBOOK_BF16", "0")
+    turns it back on with ``monkeypatch.setenv("RAGBOOK_BF16", "1")``. Session-wide: module
+    fixtures are built before a test's own fixtures, and on a CPU with bf16 (AVX512-BF16,
+    AMX) they would otherwise encode in bf16 what the test then compares in fp32."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAGBOOK_BF16", "0")
+        yield
 
 
 @pytest.fixture(scope="module")
