@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one the model was trained with (a hot-swap)")
     p.add_argument("-k", type=count, default=None, help="passages retrieved (default 5, or "
                    "the fine-tuned model's)")
-    p.add_argument("--beams", type=count, default=4, help="beam size (1: greedy)")
+    p.add_argument("--beams", type=count, default=1, help="beam size (default 1: greedy, as "
+                   "reproduce and the paper decode open-domain QA)")
     p.add_argument("--steps", type=count, default=defaults.rag_steps,
                    help="joint fine-tuning steps (reproduce's model by default)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
