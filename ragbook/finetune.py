@@ -20,7 +20,8 @@ trained with, unless one is given on purpose — the paper's index hot-swap (§4
 
 :func:`cloze_questions` derives a question set whose answers are spans of the passages (a
 sentence with a date, number or name blanked out), the offline stand-in for a user's own
-extractive questions; ``benchmarks/own_data.py`` measures RAG against closed-book BART on it.
+extractive questions; ``benchmarks/finetune_cloze.py`` measures RAG against closed-book BART on
+it.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class PretrainConfig:
 
     steps: int = 4_000
     batch_size: int = 32
-    seq_len: int = 64
+    seq_len: int = 128  # all 128 positions trained: `ragbook finetune` inputs fill them
     lr: float = 7e-4
     warmup: int = 200
     weight_decay: float = 0.01
