@@ -34,6 +34,7 @@ import torch
 
 from ragbook import finetune as F
 from ragbook.data import Example, load_corpus
+from ragbook.generator import SHIPPED
 from ragbook.index import build_index
 
 # how the blank of a cloze question reaches the generator: the package's own rendering, or the
@@ -100,7 +101,10 @@ def main() -> None:
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            max_source_length=args.max_source_length,
                            eval_every=args.eval_every or args.steps)
+    shipped = json.loads((SHIPPED / "pretrain.json").read_text())  # which generator
     record = {"settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
+              "generator": {"seq_len": shipped["config"]["seq_len"],
+                            "heldout_loss": round(shipped["heldout_loss"], 3)},
               "questions": {"train": len(train), "test": len(test), "passages": len(passages)},
               "example": {"question": test[0].question, "answers": test[0].answers},
               "load_before": [round(x, 1) for x in os.getloadavg()]}

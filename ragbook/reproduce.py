@@ -32,13 +32,14 @@ PAPER = {"closed_book": "34.5 (T5-11B)", "rag_sequence": "44.5", "rag_token": "4
 
 @dataclass
 class ReproduceConfig:
-    """Sizes of one run; the defaults take ~14 minutes on 2 CPU cores from an empty cache."""
+    """Sizes of one run; from an empty cache the defaults take ~13 minutes on 2 CPU cores with
+    AVX512-BF16 or AMX, ~25 or more on 2 cores without (README, "Results")."""
 
     preset: str = "tiny"
     rag_steps: int = 250
     closed_book_steps: int = 300
     qgen_steps: int = 40  # question generation, RAG-Token and closed-book BART
-    verify_steps: int = 120  # fact verification, RAG and closed-book BART
+    verify_steps: int = 200  # fact verification, RAG and closed-book BART (benchmarks/README.md)
     eval_questions: int = 400  # test questions per task (None: the whole split)
     sweep_questions: int = 100
     sweep_ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
