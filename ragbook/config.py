@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -216,6 +217,27 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("ragbook"))
+
+
+@contextlib.contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Run native code without its own prints on standard output — FAISS's on-disk inverted
+    lists announce every file they resize or re-point ("resizing … to … bytes",
+    "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename …") with C's printf, which no Python
+    redirection sees: file descriptor 1 points at /dev/null meanwhile, and C's buffer is
+    flushed before it is given back."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import native_output_silenced
 from .data import DataError, Passage, SearchResult, corpus_fingerprint
 
 if TYPE_CHECKING:
@@ -479,7 +480,8 @@ class DenseIndex:
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if streamed else \
             faiss.IO_FLAG_MMAP_IFC if mmap else 0
         mmap = mmap or streamed
-        index = faiss.read_index(str(directory / INDEX_FILE), flags)
+        with native_output_silenced():
+            index = faiss.read_index(str(directory / INDEX_FILE), flags)
         # mapped: the passages stay on disk too (an index saved before the offsets: read)
         passages = _read_passages(directory, meta, lazy=mmap and OFFSETS_FILE in files)
         if index.ntotal != meta["count"]:

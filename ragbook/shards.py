@@ -38,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_write_bytes
+from .config import native_output_silenced
 from .data import DataError, Passage, corpus_fingerprint
 from .index import (
     FORMAT,
@@ -197,8 +198,9 @@ def build_streamed(shard_vectors: Callable[[int, int], np.ndarray], n: int, dim:
     (directory / IVFDATA_FILE).unlink(missing_ok=True)
     # merge_ondisk maps the blocks (their codes are read through the page cache) and never
     # unmaps them: their pages stay resident, and their disk space used, until the process ends
-    faiss.contrib.ondisk.merge_ondisk(index, [str(b) for b in block_files],
-                                      str(directory / IVFDATA_FILE))
+    with native_output_silenced():
+        faiss.contrib.ondisk.merge_ondisk(index, [str(b) for b in block_files],
+                                          str(directory / IVFDATA_FILE))
     _write_index(index, directory / INDEX_FILE)
     del index
     _release_freed_memory()
@@ -245,7 +247,8 @@ def save_streamed(directory: str | Path, params: dict, passages: Sequence[Passag
             "fingerprint": corpus_fingerprint(passages), "faiss_version": faiss.__version__,
             "shard_size": shard_size, "sidecars": [IVFDATA_FILE, VECTORS_FILE],
             "rerank_vectors": VECTORS_FILE}
-    index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    with native_output_silenced():
+        index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     vectors = np.load(directory / VECTORS_FILE, mmap_mode="r")
     DenseIndex(index, list(passages), meta, vectors).save(directory)
     return DenseIndex.load(directory, mmap=True)
