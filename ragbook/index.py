@@ -110,16 +110,18 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def _write_passages(directory: Path, passages: Sequence[Passage]) -> None:
-    """``passages.jsonl``, one JSON object a line, and ``passages.offsets.npy``: the n + 1 byte
-    offsets at which the lines start (the last one the file's size)."""
-    offsets = np.empty(len(passages) + 1, dtype=np.int64)
-    offsets[0] = 0
+def _write_passages(directory: Path, passages: Sequence[Passage], offsets: bool = True) -> None:
+    """``passages.jsonl``, one JSON object a line, and (``offsets``, what a mapped dense index
+    reads them through) ``passages.offsets.npy``: the n + 1 byte offsets at which the lines
+    start, the last one the file's size."""
+    starts = np.empty(len(passages) + 1, dtype=np.int64)
+    starts[0] = 0
     with open(directory / PASSAGES_FILE, "wb") as f:
         for i, p in enumerate(passages, start=1):
             f.write(json.dumps(asdict(p), ensure_ascii=False).encode() + b"\n")
-            offsets[i] = f.tell()
-    np.save(directory / OFFSETS_FILE, offsets)
+            starts[i] = f.tell()
+    if offsets:
+        np.save(directory / OFFSETS_FILE, starts)
 
 
 class PassageFile(Sequence[Passage]):
@@ -506,7 +508,7 @@ def save_bm25(retriever: BM25Retriever, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
     retriever.model.save(str(directory / "bm25"), show_progress=False)
-    _write_passages(directory, retriever.passages)
+    _write_passages(directory, retriever.passages, offsets=False)  # read whole
     meta = {"format": FORMAT, "retriever": "bm25", "kind": "bm25",
             "count": len(retriever.passages), "fingerprint": corpus_fingerprint(retriever.passages)}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
