@@ -146,6 +146,13 @@ def test_a_mapped_index_reads_its_passages_from_disk_as_asked(tmp_path, vectors)
     (tmp_path / "passages.offsets.npy").write_bytes(b"")  # the offsets are checksummed too
     with pytest.raises(DataError, match="passages.offsets.npy.*truncated or replaced"):
         DenseIndex.load(tmp_path, mmap=True)
+    # an index saved before the offsets file existed still opens, its passages read whole
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["files"]["passages.offsets.npy"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "passages.offsets.npy").unlink()
+    older = DenseIndex.load(tmp_path, mmap=True)
+    assert isinstance(older.passages, list) and older.passages == passages
 
 
 @pytest.fixture
