@@ -9,6 +9,7 @@ the package. ``paper`` names the checkpoints of Lewis et al. (2020) on the Huggi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 from collections.abc import Iterator
@@ -219,15 +220,18 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("ragbook"))
 
 
+# The process's C library (fflush below, glibc's malloc_trim in ragbook.shards); none on Windows,
+# where ctypes cannot open it by name.
+LIBC = None if sys.platform == "win32" else ctypes.CDLL(None)
+
+
 @contextlib.contextmanager
 def native_output_silenced() -> Iterator[None]:
     """Run native code without its own prints on standard output — FAISS's on-disk inverted
     lists announce every file they resize or re-point ("resizing … to … bytes",
     "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename …") with C's printf, which no Python
     redirection sees: file descriptor 1 points at /dev/null meanwhile, and C's buffer is
-    flushed before it is given back."""
-    import ctypes
-
+    flushed before it is given back (where ctypes reaches it)."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
@@ -235,7 +239,8 @@ def native_output_silenced() -> Iterator[None]:
             os.dup2(null.fileno(), 1)
         yield
     finally:
-        ctypes.CDLL(None).fflush(None)
+        if LIBC is not None:
+            LIBC.fflush(None)
         os.dup2(saved, 1)
         os.close(saved)
 

@@ -22,12 +22,10 @@ returns what a one-shot IVF-PQ build with the same parameters returns.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_write_bytes
-from .config import native_output_silenced
+from .config import LIBC, native_output_silenced
 from .data import DataError, Passage, corpus_fingerprint
 from .index import (
     FORMAT,
@@ -60,7 +58,6 @@ CHUNK_ROWS = 8_192  # rows of a shard file read (and handed to FAISS's add) at a
 # measure each phase's memory from these records)
 PHASES = ("encode", "train", "add", "merge", "vectors")
 log = logging.getLogger(__name__)
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
@@ -73,7 +70,7 @@ def _release_freed_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
     nothing). glibc keeps freed blocks of up to tens of MB resident for reuse, so without it a
     phase's temporaries (a shard, FAISS's residuals) would stay resident into the next phase."""
-    trim = getattr(_LIBC, "malloc_trim", None)
+    trim = getattr(LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
 

@@ -59,14 +59,14 @@ def test_a_streamed_build_searches_like_a_one_shot_ivfpq(vectors, queries, strea
     assert sorted(p.name for p in directory.iterdir()) == [
         "index.faiss", "index.ivfdata", "meta.json", "passages.jsonl", "passages.offsets.npy",
         "vectors.npy"]
-    in_memory = DenseIndex.load(directory)  # opened again: the same results
-    assert (in_memory.search(queries, K).indices == got.indices).all()
+    reopened = DenseIndex.load(directory)  # opened again: the same results
+    assert (reopened.search(queries, K).indices == got.indices).all()
     assert isinstance(index.rerank_vectors, np.memmap)
     # built to outgrow memory, so opened mapped: the vectors and the passages stay on disk
-    assert isinstance(in_memory.rerank_vectors, np.memmap)
-    assert isinstance(in_memory.passages, PassageFile)
-    in_memory.set_search_params(k_factor=1)  # no re-ranking depth: PQ's order, lower scores
-    assert in_memory.search(queries, K).scores.sum() < got.scores.sum()
+    assert isinstance(reopened.rerank_vectors, np.memmap)
+    assert isinstance(reopened.passages, PassageFile)
+    reopened.set_search_params(k_factor=1)  # no re-ranking depth: PQ's order, lower scores
+    assert reopened.search(queries, K).scores.sum() < got.scores.sum()
 
 
 def test_an_interrupted_build_resumes_from_the_last_finished_shard(vectors, queries, streamed,
