@@ -282,10 +282,21 @@ def edit_facts(examples: Sequence[Example], n: int, seed: int = 0,
     :func:`ragbook.data.article_topics`) keeps each cycle within one kind, as the paper's
     leaders were replaced by other leaders: a country is renamed after another country, not
     after a theorem. Articles alone of their kind among the chosen share one mixed cycle.
+
+    A fact whose question shares a word with its answer ("Spinning toy": Spinning top) is never
+    edited. Its question half-names the old answer, and after the rename the words it shares are
+    gone from the edited passage but still in the neighbours' ("Spinning", "Hand spinning"), so
+    both experts of the prior are drawn back to the old name by the question itself; the paper's
+    questions ("Who is the President of Peru?") name neither leader.
     """
     import random
 
-    articles = sorted({e.article for e in examples})
+    from .retriever import bm25_terms
+
+    named = {e.article for e, q, a in zip(examples, bm25_terms([e.question for e in examples]),
+                                          bm25_terms([e.article for e in examples]))
+             if set(q) & set(a)}
+    articles = sorted({e.article for e in examples} - named)
     chosen = random.Random(f"hot-swap/{seed}").sample(articles, min(n, len(articles)))
     groups: dict[str, list[str]] = {}
     for a in chosen:

@@ -36,13 +36,11 @@ from .generator import encode_inputs, encode_targets, token_logprobs
 
 MARGINALIZATIONS = {"sequence": rag.rag_sequence_loss, "token": rag.rag_token_loss}
 # w in the hybrid prior, chosen on dev questions for the jointly trained RAG models
-# (benchmarks/hybrid_prior.py --trained, 400 dev questions): Exact Match peaks at w = 2
-# (RAG-Token / RAG-Sequence 57.8 / 58.3) and w = 4 is within its standard error (57.5 / 57.0),
-# while the share of index edits followed rises with w (77, 84, 88% at w = 1, 2, 4): BM25 reads
-# the edited text, the dense vector moves with a renamed title. So w = 4, the most updatable of
-# the most accurate. Its price is the prior's recall@5 (untrained MiniLM, dev: 0.82 at w = 1,
-# 0.78 at w = 4); Exact Match is higher at w = 4 than at w = 1 all the same.
-BM25_WEIGHT = 4.0
+# (benchmarks/hybrid_prior.py --trained; benchmarks/README.md, "w for the trained models"):
+# Exact Match falls slowly as w grows while the share of index edits followed rises, since BM25
+# reads the edited text as it is and the dense vector moves with a renamed title. w is the most
+# updatable of the weights whose Exact Match is within a standard error of the best.
+BM25_WEIGHT = 6.0
 HYBRID_DEPTH = 20  # candidates taken from each expert before the product re-ranks them
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)

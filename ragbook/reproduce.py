@@ -43,7 +43,7 @@ class ReproduceConfig:
     eval_questions: int = 400  # test questions per task (None: the whole split)
     sweep_questions: int = 100
     sweep_ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
-    hot_swap_facts: int = 100  # 50 facts swing ±6 points between seeds (78–88%)
+    hot_swap_facts: int = 100  # fewer swing by several points between draws (benchmarks/README.md)
     recall_questions: int | None = None  # test questions for recall@k (None: the whole split)
     # RAG's prior p_η(z|x). Joint training uses the paper's dense prior (§2.4): BERT_q learns
     # from the generator's signal alone, and Table 6 compares its recall with MiniLM's. At test

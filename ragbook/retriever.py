@@ -412,6 +412,13 @@ class DenseRetriever:
         return self.index.search(q, k)
 
 
+def bm25_terms(texts: Sequence[str]) -> list[list[str]]:
+    """The words BM25 matches in each text: lower-cased, English stop words dropped."""
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+
 class BM25Retriever:
     """The paper's sparse baseline (Table 6, "BM25"): Okapi BM25 over "title text", by bm25s.
 
@@ -432,10 +439,7 @@ class BM25Retriever:
 
     def scores(self, questions: Sequence[str]) -> np.ndarray:
         """BM25(x, z) of every passage z for each question x: (len(questions), n_passages)."""
-        import bm25s
-
-        tokens = bm25s.tokenize(list(questions), stopwords="en", return_ids=False,
-                                show_progress=False)
+        tokens = bm25_terms(questions)
         n = len(self.passages)  # a question of stop words only matches nothing: all zeros
         return np.stack([self.model.get_scores(t) if t else np.zeros(n) for t in tokens]
                         ).astype(np.float32)

@@ -91,8 +91,8 @@ class PretrainConfig:
     checkpoint_every: int = 250
     export_every: int = 1000
     heldout_passages: int = 256
-    # bf16 matrix products where the device has them (config.autocast), fp32 elsewhere;
-    # measured on 2 AVX512-BF16 cores: 0.6 s a step against 1.0 s in fp32.
+    # bf16 matrix products where the device has them (config.autocast), fp32 elsewhere
+    # (~1.7× faster on AVX512-BF16 cores: benchmarks/README.md)
     bf16: bool = True
 
 
@@ -398,8 +398,8 @@ def train_rag(model, examples: list, cfg: RagTrainConfig | None = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
     device = model.device
-    # bf16 on a GPU; on a CPU the joint step's small matrices gain little (0.71 vs 0.85 s a
-    # step, benchmarks/README.md), so CPU runs stay fp32 and repeat the shipped results
+    # bf16 on a GPU; on a CPU the joint step's small matrices gain little (benchmarks/README.md),
+    # so CPU runs stay fp32 and repeat the shipped results
     mixed = device.type == "cuda"
     params = [p for g in groups for p in g["params"]]
     model.train()

@@ -579,6 +579,15 @@ def test_edited_corpus_changes_exactly_the_chosen_facts():
     assert CORPUS == _world()[0]  # the original is not touched
 
 
+def test_a_fact_whose_question_names_its_answer_is_never_edited():
+    seeds = range(12)
+    assert any("Alpha" in edit_facts(EXAMPLES, 4, seed) for seed in seeds)  # it can be drawn
+    named = [*EXAMPLES, Example("Which town is twinned with ALPHA?", ["Alpha"], "Alpha")]
+    for seed in seeds:  # one question of Alpha's names it: none of Alpha's facts is edited
+        edits = edit_facts(named, 4, seed)
+        assert len(edits) == 4 and "Alpha" not in edits and "Alpha" not in edits.values()
+
+
 def test_edits_cycle_within_a_kind_when_kinds_are_given():
     kinds = {t: "vowel" if t[0] in "AEIOU" else "consonant" for t in TOWNS}
     edits = edit_facts(EXAMPLES, 10, seed=0, kinds=kinds)  # 3 vowels, 7 consonants
