@@ -341,9 +341,10 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
              predictions: Sequence[Prediction] | None = None) -> dict:
     """Swap the index for one built over an edited corpus, without retraining.
 
-    Among facts the model answers correctly with the original index, ``followed`` is the
-    share answered with the *new* answer after the swap, and ``kept`` the share still
-    answered with the old one once the original index is swapped back. Each of the
+    Among facts the model answers correctly with the original index (and whose question does
+    not name its answer: :func:`edit_facts`), ``followed`` is the share answered with the *new*
+    answer after the swap, and ``kept`` the share still answered with the old one once the
+    original index is swapped back. Each of the
     ``misses`` says where the edited passage stood among the retrieved ones, ranked by
     p(z|x,y) for the answer given (``edited_rank``; None: not retrieved). ``kinds``: see
     :func:`edit_facts`; ``marginalization``: the decoder, Eq. 2 ("token") or Eq. 1;
