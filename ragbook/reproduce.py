@@ -32,7 +32,7 @@ PAPER = {"closed_book": "34.5 (T5-11B)", "rag_sequence": "44.5", "rag_token": "4
 
 @dataclass
 class ReproduceConfig:
-    """Sizes of one run; from an empty cache the defaults take ~13 minutes on 2 CPU cores with
+    """Sizes of one run; from an empty cache the defaults take 13–15 minutes on 2 CPU cores with
     AVX512-BF16 or AMX, ~25 or more on 2 cores without (README, "Results")."""
 
     preset: str = "tiny"
