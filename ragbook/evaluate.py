@@ -344,9 +344,9 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     Among facts the model answers correctly with the original index (and whose question does
     not name its answer: :func:`edit_facts`), ``followed`` is the share answered with the *new*
     answer after the swap, and ``kept`` the share still answered with the old one once the
-    original index is swapped back. Each of the
-    ``misses`` says where the edited passage stood among the retrieved ones, ranked by
-    p(z|x,y) for the answer given (``edited_rank``; None: not retrieved). ``kinds``: see
+    original index is swapped back. Each of the ``misses`` says where the edited passage stood
+    among the retrieved ones, ranked by p(z|x,y) for the answer given (``edited_rank``; None:
+    not retrieved). ``kinds``: see
     :func:`edit_facts`; ``marginalization``: the decoder, Eq. 2 ("token") or Eq. 1;
     ``predictions``: the model's answers to ``examples`` with the original index, if already
     made with this decoder (they pick the facts it knows).
