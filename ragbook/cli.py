@@ -219,7 +219,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         meta = pretrain(out, cfg, work=work, device=args.device)
     except ValueError as e:  # a checkpoint in --work written with other settings
         raise data.DataError(f"{e} (--work DIR)") from None
-    print(f"step {meta['step']}: held-out denoising loss {meta['heldout_loss']:.3f} -> {out}")
+    reading = (f", reading loss {meta['heldout_read_loss']:.3f}" if "heldout_read_loss" in meta
+               else "")
+    print(f"step {meta['step']}: held-out denoising loss {meta['heldout_loss']:.3f}{reading} "
+          f"-> {out}")
     return 0
 
 
@@ -421,15 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval, on_interrupt="nothing was written")
 
     p = sub.add_parser(
-        "pretrain", help="pre-train the tiny BART generator by denoising (hours on a CPU)",
-        description="BART's denoising pre-training (text infilling + sentence permutation) "
+        "pretrain", help="pre-train the tiny BART generator: denoising, then reading (hours on "
+        "a CPU)",
+        description="BART's denoising pre-training (text infilling + sentence permutation), "
+        "then a reading stage (salient-span questions answered from the passage in the input), "
         "on the train articles of the built-in corpus. Resumable: run the same command again "
         "after an interruption.")
     p.add_argument("--out", required=True, help="directory for the exported generator")
     p.add_argument("--work", help="directory for the tokenizer and the resumable checkpoint")
     recipe = "(default: the shipped generator's, train.PretrainConfig)"
     for flag, kind in (("--steps", count), ("--batch-size", count), ("--seq-len", _at_least(3)),
-                       ("--lr", _positive_float), ("--warmup", _at_least(0)), ("--seed", int)):
+                       ("--lr", _positive_float), ("--warmup", _at_least(0)), ("--seed", int),
+                       ("--read-steps", _at_least(0))):
         p.add_argument(flag, type=kind, help=recipe)
     p.add_argument("--device", type=_device,
                    help="cpu or cuda (default: $RAGBOOK_DEVICE, else CUDA when there is a GPU)")

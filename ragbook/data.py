@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 PASSAGE_WORDS = 100
-TASKS = ("entity-qa", "qgen", "verify")
+TASKS = ("entity-qa", "reading-qa", "qgen", "verify")
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}
 LABELS = ("SUPPORTS", "REFUTES")  # the verify task's y
@@ -193,6 +194,75 @@ def _entity_qa(articles, rng) -> list[Example]:
     ]
 
 
+# What a span question blanks out, by kind: a year, another number, or a capitalised name
+# inside the sentence (not its first word, not part of the article's own title): REALM's
+# "salient spans" (Guu et al. 2020), found here with patterns instead of a tagger.
+BLANK = "_____"
+SALIENT_SPANS = {"date": re.compile(r"\b(?:1\d{3}|20\d{2})\b"),
+                 "number": re.compile(r"\b\d+(?:[.,]\d+)*\b"),
+                 "name": re.compile(r"(?<=[a-z,;] )[A-Z][a-z]+(?: [A-Z][a-z]+){0,3}")}
+READING_WINDOW = 6  # words of the sentence kept on each side of the blank in a reading question
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``: cut after ``.``, ``!`` or ``?`` followed by white space."""
+    return re.split(r"(?<=[.!?])\s+", text.strip())
+
+
+def salient_spans(passage: Passage, words: tuple[int, int] = (8, 40)
+                  ) -> dict[str, list[tuple[str, re.Match]]]:
+    """Every (sentence, span) of ``passage`` that a span question may blank, by kind
+    (:data:`SALIENT_SPANS`), from sentences of ``words[0]``–``words[1]`` words."""
+    found: dict[str, list] = {}
+    for sentence in split_sentences(passage.text):
+        if not words[0] <= len(sentence.split()) <= words[1]:
+            continue
+        for kind, pattern in SALIENT_SPANS.items():
+            for m in pattern.finditer(sentence):
+                if kind == "number" and SALIENT_SPANS["date"].fullmatch(m.group()):
+                    continue  # a year is a date
+                if kind != "name" or m.group() not in passage.title:
+                    found.setdefault(kind, []).append((sentence, m))
+    return found
+
+
+def reading_question(passage: Passage, description: str, rng: random.Random,
+                     window: int = READING_WINDOW) -> Example | None:
+    """One reading-QA question about ``passage``: the article's description, then the words
+    around a salient span of one of its sentences with the span blanked; the answer is the span.
+
+    "Mount Everest" with description "Earth's highest mountain" gives e.g. "Earth's highest
+    mountain: its elevation of _____ metres was most recently established" → "8,849". Only
+    ``window`` words on each side are kept and the title is replaced by "it", so the question
+    does not copy the passage: the retriever must link the description to the article, and the
+    generator must find the sentence in the passage and read the span. The kind of span, then
+    the span, are drawn from ``rng``. None if the passage has no salient span.
+    """
+    found = salient_spans(passage)
+    if not found:
+        return None
+    sentence, m = rng.choice(found[rng.choice(sorted(found))])
+    left = [w.start() for w in re.finditer(r"\S+", sentence[:m.start()])][-window:]
+    right = [w.end() for w in re.finditer(r"\S+", sentence[m.end():])][:window]
+    clue = (sentence[left[0] if left else m.start():m.start()] + BLANK
+            + sentence[m.end():m.end() + (right[-1] if right else 0)])
+    clue = re.sub(re.escape(passage.title), "it", clue, flags=re.IGNORECASE)
+    return Example(f"{description}: {clue}", [m.group()], article=passage.title)
+
+
+def _reading_qa(articles, rng) -> list[Example]:
+    """The course's open-domain QA (Table 1): span answers read from a passage. One question
+    per passage of each article that has a description (:func:`reading_question`)."""
+    out = []
+    for a in articles:
+        if not a["description"] or a["title"].lower() in a["description"].lower():
+            continue
+        for p in split_passages(a["title"], a["extract"]):
+            if (q := reading_question(p, a["description"], rng)) is not None:
+                out.append(q)
+    return out
+
+
 def _qgen(articles, rng) -> list[Example]:
     """Question generation: from the title, generate the clue (the description)."""
     return [
@@ -223,7 +293,8 @@ def _verify(articles, rng) -> list[Example]:
     return out
 
 
-_BUILDERS = {"entity-qa": _entity_qa, "qgen": _qgen, "verify": _verify}
+_BUILDERS = {"entity-qa": _entity_qa, "reading-qa": _reading_qa, "qgen": _qgen,
+             "verify": _verify}
 
 
 def load_task(name: str, split: str, seed: int = 0) -> list[Example]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -39,10 +38,19 @@ from pathlib import Path
 from . import __version__
 from .artifacts import atomic_directory, atomic_write_bytes
 from .config import Preset, get_preset, quiet_loading
-from .data import DataError, Example, Passage, article_split, load_corpus, load_examples
+from .data import (
+    BLANK,
+    DataError,
+    Example,
+    Passage,
+    article_split,
+    load_corpus,
+    load_examples,
+    salient_spans,
+)
 from .evaluate import ClosedBook, evaluate_rag, retrieval_recall, save_predictions
 from .pipeline import Prediction, RagModel, normalize_answer
-from .train import RagTrainConfig, split_sentences, train_rag
+from .train import RagTrainConfig, train_rag
 
 MODEL_FORMAT = 1
 SETTINGS_FILE = "ragbook_model.json"
@@ -395,33 +403,16 @@ def answer_file(model_dir: str | Path, questions: str | Path, out: str | Path,
 
 # --------------------------------------------------------------------------- cloze questions
 
-BLANK = "_____"
-# What a cloze question blanks out, by kind: a year, another number, or a capitalised name
-# inside the sentence (not its first word, not the article's own title).
-CLOZE_SPANS = {"date": re.compile(r"\b(?:1\d{3}|20\d{2})\b"),
-               "number": re.compile(r"\b\d+(?:[.,]\d+)*\b"),
-               "name": re.compile(r"(?<=[a-z,;] )[A-Z][a-z]+(?: [A-Z][a-z]+){0,3}")}
-
-
 def cloze_question(passage: Passage, seed: int = 0, words: tuple[int, int] = (8, 40)
                    ) -> Example | None:
     """One cloze question from a passage: a sentence of ``words`` words with one date, number or
     name replaced by ``_____``; the answer is the blanked span. The kind, then the span, are
     drawn with a generator seeded by (seed, passage id): the same passage always gives the same
     question. None if the passage has no such sentence."""
-    rng = random.Random(f"cloze/{seed}/{passage.id}")
-    found: dict[str, list] = {}
-    for sentence in split_sentences(passage.text):
-        if not words[0] <= len(sentence.split()) <= words[1]:
-            continue
-        for kind, pattern in CLOZE_SPANS.items():
-            for m in pattern.finditer(sentence):
-                if kind == "number" and CLOZE_SPANS["date"].fullmatch(m.group()):
-                    continue  # a year is a date
-                if kind != "name" or m.group() not in passage.title:
-                    found.setdefault(kind, []).append((sentence, m))
+    found = salient_spans(passage, words)
     if not found:
         return None
+    rng = random.Random(f"cloze/{seed}/{passage.id}")
     sentence, m = rng.choice(found[rng.choice(sorted(found))])
     return Example(sentence[:m.start()] + BLANK + sentence[m.end():], [m.group()],
                    article=passage.title)

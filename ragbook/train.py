@@ -4,9 +4,12 @@
 with Adam, updating only the query encoder BERT_q and the generator; the document encoder and
 the index stay frozen.
 
-``pretrain`` is the recipe that produced the shipped tiny BART: text infilling and sentence
-permutation (Lewis et al. 2019, BART) on the passages of the built-in corpus's *train*
-articles, so that dev and test articles stay unseen by the parametric memory.
+``pretrain`` is the recipe that produced the shipped tiny BART, on the passages of the built-in
+corpus's *train* articles only, so that dev and test articles stay unseen by the parametric
+memory. Two stages: *denoising* — text infilling and sentence permutation (Lewis et al. 2019,
+BART) — then *reading*: salient-span questions (REALM, Guu et al. 2020) answered from the
+passage in the input, which stands in for what BART-large brings from 160 GB of text: copying
+from its input.
 
 Every run is resumable (:func:`resumable_loop`): the checkpoint is written atomically every
 ``checkpoint_every`` steps and on interrupt, and the batch of step t depends only on (seed, t),
@@ -19,7 +22,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -33,13 +35,17 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_directory, atomic_torch_save, atomic_write_bytes
 from .config import autocast, bf16_supported, default_device, quiet_loading
-from .data import article_split, load_corpus
-from .generator import pad, shift_right, tiny_config, train_tokenizer
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text``: cut after ``.``, ``!`` or ``?`` followed by white space."""
-    return re.split(r"(?<=[.!?])\s+", text.strip())
+from .data import (
+    Passage,
+    article_split,
+    load_articles,
+    load_corpus,
+    reading_question,
+    salient_spans,
+    split_passages,
+    split_sentences,
+)
+from .generator import encode_inputs, encode_targets, pad, shift_right, tiny_config, train_tokenizer
 
 
 def sentence_permutation(sentences: list, rng: random.Random) -> list:
@@ -91,6 +97,11 @@ class PretrainConfig:
     checkpoint_every: int = 250
     export_every: int = 1000
     heldout_passages: int = 256
+    # the reading stage, after denoising (read_steps = 0: denoising only)
+    read_steps: int = 3_000
+    read_seq_len: int = 256  # positions for a 100-word passage and a question (~200 tokens)
+    read_lr: float = 3e-4
+    read_denoise: float = 0.25  # the share of each batch that goes on denoising
     # bf16 matrix products where the device has them (config.autocast), fp32 elsewhere
     # (~1.7× faster on AVX512-BF16 cores: benchmarks/README.md)
     bf16: bool = True
@@ -105,18 +116,18 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
 
 
 def denoising_batch(texts: list[str], tokenizer, cfg: PretrainConfig,
-                    rng: random.Random) -> dict[str, torch.Tensor]:
+                    rng: random.Random, seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """A (noised source, original target) batch from raw passage texts.
 
     BART corrupts a document and learns to reconstruct the original. Each passage is
     tokenized sentence by sentence; a window of ``seq_len - 2`` tokens of the original is the
     target, and the source is the same window with its (clipped) sentences permuted and then
-    text-infilled.
+    text-infilled. ``seq_len`` overrides ``cfg.seq_len`` (the reading stage's longer windows).
     """
     sentences = [split_sentences(t) for t in texts]
     flat = tokenizer([s for group in sentences for s in group],
                      add_special_tokens=False)["input_ids"]
-    width = cfg.seq_len - 2
+    width = (seq_len or cfg.seq_len) - 2
     sources, targets, at = [], [], 0
     for group in sentences:
         pieces, at = flat[at:at + len(group)], at + len(group)
@@ -265,12 +276,98 @@ def resumable_loop(step_fn: Callable[[int], float], stateful: dict, steps: int,
     return state
 
 
+READ_TARGET_TOKENS = 24  # a salient span and its end token, as the tiny preset's targets
+
+
+def reading_pairs(seed: int = 0) -> tuple[list[tuple[Passage, str]], list[tuple[Passage, str]]]:
+    """(passage, its article's description) for every passage with a salient span: of train
+    articles (to learn from) and of test articles (held out)."""
+    split = article_split(seed)
+    pairs: dict[str, list] = {"train": [], "test": []}
+    for a in load_articles():
+        if a["description"] and split[a["title"]] in pairs:
+            pairs[split[a["title"]]] += [(p, a["description"])
+                                         for p in split_passages(a["title"], a["extract"])
+                                         if salient_spans(p)]
+    return pairs["train"], pairs["test"]
+
+
+def reading_batch(pairs: list[tuple[Passage, str]], n: int, tokenizer, cfg: PretrainConfig,
+                  rng: random.Random) -> dict[str, torch.Tensor]:
+    """``n`` reading questions (:func:`~ragbook.data.reading_question`) with their passage in
+    the input, ``"title / text // question"`` in ``read_seq_len`` tokens; the target is the
+    blanked span. REALM masks a salient span and predicts it from the model's memory; here the
+    passage is in the input, so the span is read, not recalled."""
+    passages, questions, spans = [], [], []
+    for _ in range(n):
+        passage, description = pairs[rng.randrange(len(pairs))]
+        q = reading_question(passage, description, rng)  # never None: the pairs have spans
+        passages.append(passage)
+        questions.append(q.question)
+        spans.append(q.answers[0])
+    return {**encode_inputs(tokenizer, passages, questions, cfg.read_seq_len),
+            **encode_targets(tokenizer, spans, READ_TARGET_TOKENS)}
+
+
+@torch.no_grad()
+def heldout_read_loss(model, tokenizer, pairs: list[tuple[Passage, str]],
+                      cfg: PretrainConfig) -> float:
+    """Reading loss on held-out passages' questions, drawn with a fixed seed (comparable across
+    runs)."""
+    was_training = model.training
+    model.eval()
+    rng = random.Random(f"heldout-read/{cfg.seed}")
+    losses = [denoising_loss(model, reading_batch(pairs[i:i + cfg.batch_size],
+                                                  len(pairs[i:i + cfg.batch_size]),
+                                                  tokenizer, cfg, rng))
+              for i in range(0, len(pairs), cfg.batch_size)]
+    model.train(was_training)
+    return float(np.mean([loss.item() for loss in losses]))
+
+
+def extend_positions(model, n: int):
+    """The same BART with ``n`` learned positions: the trained ones are copied over the new
+    range, as Longformer (Beltagy et al. 2020) grew RoBERTa's 512 positions, so that the
+    reading stage starts from embeddings the model already uses."""
+    from transformers import BartForConditionalGeneration
+
+    config = model.config.__class__.from_dict({**model.config.to_dict(),
+                                               "max_position_embeddings": n})
+    state = model.state_dict()
+    for part in ("encoder", "decoder"):
+        key = f"model.{part}.embed_positions.weight"
+        offset = 2  # BART's position table starts two rows in (BartLearnedPositionalEmbedding)
+        trained = state[key][offset:]
+        copies = trained.repeat(-(-n // len(trained)), 1)[:n]
+        state[key] = torch.cat([state[key][:offset], copies])
+    grown = BartForConditionalGeneration(config)
+    grown.load_state_dict(state)
+    return grown
+
+
+_READING_FIELDS = ("read_steps", "read_seq_len", "read_lr", "read_denoise")
+
+
+def _stage_settings(cfg: PretrainConfig, bf16: bool, stage: str) -> dict:
+    """What a stage's result depends on: the denoising stage ignores the reading fields (so its
+    checkpoints outlive a change of the reading stage); bf16 is named only when on, as runs
+    wrote before bf16 existed, so their checkpoints still resume."""
+    settings = _settings(cfg)
+    settings.pop("bf16")
+    if stage == "denoise":
+        settings = {k: v for k, v in settings.items() if k not in _READING_FIELDS}
+    if bf16:
+        settings["bf16"] = True
+    return settings
+
+
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Path | None = None,
              device: str | None = None, progress: bool = True) -> dict:
-    """Pre-train the tiny BART by denoising and export it to ``out``; resumable; on ``device``
-    (default :func:`~ragbook.config.default_device`).
+    """Pre-train the tiny BART — denoising, then reading — and export it to ``out``; resumable;
+    on ``device`` (default :func:`~ragbook.config.default_device`).
 
-    ``work`` holds the tokenizer and ``checkpoint.pt`` (default: ``out/../<name>-work``).
+    ``work`` holds the tokenizer, each stage's checkpoint and the denoised generator
+    (``denoised/``), from which the reading stage starts (default: ``out/../<name>-work``).
     Returns the recipe record written to ``out/pretrain.json``.
     """
     from transformers import AutoTokenizer, BartForConditionalGeneration
@@ -288,26 +385,77 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     else:
         tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
         tokenizer.save_pretrained(work)
-    torch.manual_seed(cfg.seed)
-    model = BartForConditionalGeneration(tiny_config(tokenizer, cfg.d_model, cfg.layers))
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
-
     bf16 = cfg.bf16 and bf16_supported(device)  # what this run really does
-    settings = _settings(cfg)  # what a resumed run must match; an fp32 run's are those that
-    settings.pop("bf16")  # runs wrote before bf16 existed, so their checkpoints still resume
-    if bf16:
-        settings["bf16"] = True
+    record = {"recipe": "ragbook pretrain", "config": asdict(cfg), "device": str(device),
+              "bf16": bf16, "torch": torch.__version__}
+
+    denoised = work / "denoised" if cfg.read_steps else out
+    done = denoised / "pretrain.json"
+    settings = _stage_settings(cfg, bf16, "denoise")
+    if done.exists() and json.loads(done.read_text()).get("settings") == settings:
+        stage1 = json.loads(done.read_text())  # the denoising stage is finished: reuse it
+        with quiet_loading():
+            model = BartForConditionalGeneration.from_pretrained(denoised, dtype=torch.float32)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = BartForConditionalGeneration(tiny_config(tokenizer, cfg.d_model, cfg.layers))
+        stage1 = _train_stage(
+            model, tokenizer, cfg, device, bf16, "denoise", cfg.steps, cfg.lr,
+            lambda step, rng: denoising_batch(
+                [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)],
+                tokenizer, cfg, rng),
+            work / "checkpoint.pt", denoised, settings, progress,
+            lambda: {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg)},
+            record)
+    if not cfg.read_steps:
+        return stage1
+
+    train_pairs, heldout_pairs = reading_pairs(cfg.seed)
+    heldout_pairs = random.Random(cfg.seed).sample(heldout_pairs, cfg.heldout_passages)
+    model = extend_positions(model, cfg.read_seq_len)
+    n_denoise = round(cfg.read_denoise * cfg.batch_size)
+
+    def reading_step(step: int, rng: random.Random) -> list[dict[str, torch.Tensor]]:
+        texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(n_denoise)]
+        return [reading_batch(train_pairs, cfg.batch_size - n_denoise, tokenizer, cfg, rng),
+                denoising_batch(texts, tokenizer, cfg, rng, seq_len=cfg.read_seq_len)]
+
+    record = {**record, "stages": {"denoise": {k: stage1[k] for k in (
+        "step", "train_loss", "heldout_loss", "seconds")}}}
+    return _train_stage(
+        model, tokenizer, cfg, device, bf16, "read", cfg.read_steps, cfg.read_lr, reading_step,
+        work / "reading.pt", out, _stage_settings(cfg, bf16, "read"), progress,
+        lambda: {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
+                 "heldout_read_loss": heldout_read_loss(model, tokenizer, heldout_pairs, cfg),
+                 "heldout_read": f"{cfg.heldout_passages} reading questions on passages of "
+                                 "test-split articles, fixed draw"},
+        record, before=stage1)
+
+
+def _train_stage(model, tokenizer, cfg: PretrainConfig, device, bf16: bool, stage: str,
+                 steps: int, lr: float, make_batches: Callable, checkpoint: Path, out: Path,
+                 settings: dict, progress: bool, measure: Callable[[], dict], record: dict,
+                 before: dict | None = None) -> dict:
+    """One resumable pre-training stage: AdamW with warm-up and cosine decay, the batches of
+    step t from ``make_batches(t, rng)`` (one batch, or a list whose token losses are averaged
+    by rows), exported to ``out`` every ``export_every`` steps and at the end. ``before`` is the
+    previous stage's record: its steps, seconds and history come first in this one's."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup, steps))
+    done = before or {"step": 0, "seconds": 0.0, "history": []}
 
     def step_fn(step: int) -> float:
-        rng = random.Random(f"{cfg.seed}/{step}")
+        rng = random.Random(f"{cfg.seed}/{step}" if stage == "denoise" else
+                            f"{cfg.seed}/{stage}/{step}")
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)]
-        batch = {k: v.to(device) for k, v in denoising_batch(texts, tokenizer, cfg, rng).items()}
+        batches = make_batches(step, rng)
+        batches = batches if isinstance(batches, list) else [batches]
+        rows = sum(len(b["input_ids"]) for b in batches)
         with autocast(device, enabled=bf16):
-            loss = denoising_loss(model, batch)
+            loss = sum(denoising_loss(model, {k: v.to(device) for k, v in b.items()})
+                       * len(b["input_ids"]) / rows for b in batches)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -316,24 +464,25 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
         return loss.item()
 
     def export(state: dict) -> dict:
-        meta = {"recipe": "ragbook pretrain", "config": asdict(cfg), "step": state["step"],
+        meta = {**record, "step": done["step"] + state["step"],
                 "train_loss": float(np.mean([h[1] for h in state["history"][-100:]])),
-                "heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
+                **measure(),
                 "heldout": f"{cfg.heldout_passages} passages of test-split articles, "
-                           "fixed noise", "seconds": round(state["seconds"], 1),
-                "device": str(device), "bf16": bf16, "torch": torch.__version__,
+                           "fixed noise", "seconds": round(done["seconds"] + state["seconds"], 1),
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "history": state["history"]}
+                "settings": settings,
+                "history": [list(h) for h in done["history"]]  # as JSON reads them back
+                + [[done["step"] + s, loss] for s, loss in state["history"]]}
         save_generator(model, tokenizer, out, meta)
         return meta
 
     def after_step(state: dict) -> None:
-        if state["step"] % cfg.export_every == 0 and state["step"] < cfg.steps:
+        if state["step"] % cfg.export_every == 0 and state["step"] < steps:
             export(state)
 
     state = resumable_loop(step_fn, {"model": model, "optimizer": optimizer,
                                      "scheduler": scheduler},
-                           cfg.steps, work / "checkpoint.pt", cfg.checkpoint_every, "pretrain",
+                           steps, checkpoint, cfg.checkpoint_every, f"pretrain ({stage})",
                            progress, after_step, settings)
     return export(state)
 

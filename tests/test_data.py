@@ -1,6 +1,7 @@
 """The built-in corpus and tasks, and every own-data format with its errors."""
 
 import json
+import random
 
 import pytest
 
@@ -43,6 +44,51 @@ def test_entity_qa_never_gives_the_answer_away():
     for e in data.load_task("entity-qa", "train"):
         assert e.answers == [e.article]
         assert e.article.lower() not in e.question.lower()
+
+
+def test_a_reading_question_keeps_a_window_around_the_blank_and_hides_the_title():
+    passage = Passage("Mount Everest::0", "Mount Everest",
+                      "Mount Everest is Earth's highest mountain above sea level. Its elevation "
+                      "of 8,849 metres was most recently established in 2020 by the Chinese "
+                      "and Nepali authorities.")
+    drawn = [data.reading_question(passage, "mountain in Asia", random.Random(seed), window=3)
+             for seed in range(40)]
+    assert {e.article for e in drawn} == {"Mount Everest"}
+    assert {(e.question, e.answers[0]) for e in drawn} == {
+        ("mountain in Asia: it is _____'s highest mountain", "Earth"),  # the title → "it"
+        ("mountain in Asia: Its elevation of _____ metres was most", "8,849"),
+        ("mountain in Asia: recently established in _____ by the Chinese", "2020"),
+        ("mountain in Asia: 2020 by the _____ and Nepali authorities.", "Chinese"),
+        ("mountain in Asia: the Chinese and _____ authorities.", "Nepali"),
+    }
+    titled = Passage("Mount Everest::1", "Mount Everest",
+                     "The first people known to climb Mount Everest were Edmund Hillary and "
+                     "Tenzing Norgay in 1953.")
+    for seed in range(20):
+        q = data.reading_question(titled, "mountain in Asia", random.Random(seed), window=4)
+        assert "Everest" not in q.question and q.answers[0] in titled.text
+    bare = Passage("x::0", "x", "no capital letters or numbers in this sentence at all here.")
+    assert data.reading_question(bare, "anything", random.Random(0)) is None
+
+
+def test_reading_qa_answers_are_spans_of_their_article_read_through_a_short_clue():
+    passages: dict[str, list[str]] = {}
+    for p in data.load_corpus():
+        passages.setdefault(p.title, []).append(p.text)
+    described = {a["title"]: a["description"] for a in data.load_articles()}
+    examples = data.load_task("reading-qa", "test")
+    verbatim = 0
+    for e in examples:
+        description, clue = e.question.split(": ", 1) if e.question.startswith(
+            described[e.article] + ": ") else (None, None)
+        assert description == described[e.article]
+        assert clue.count(data.BLANK) == 1 and e.article.lower() not in clue.lower()
+        assert len(clue.split()) <= 2 * data.READING_WINDOW + 1 + clue.count(data.BLANK) * 4
+        assert any(e.answers[0] in text for text in passages[e.article])
+        verbatim += any(clue.replace(data.BLANK, e.answers[0]) in text
+                        for text in passages[e.article])
+    assert verbatim > 0.8 * len(examples)  # the rest had the title replaced by "it"
+    assert len({e.article for e in examples}) > 0.5 * len(examples)  # not one article's
 
 
 def test_verify_labels_are_balanced_and_refutations_come_from_the_same_topic():

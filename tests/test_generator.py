@@ -13,7 +13,7 @@ import torch
 from transformers import BartForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from ragbook import cli, generator, train
+from ragbook import cli, data, generator, train
 from ragbook.config import bf16_supported
 from ragbook.data import Example, Passage, load_corpus
 from ragbook.generator import (
@@ -271,23 +271,25 @@ def test_text_infilling_masks_about_thirty_percent_in_spans():
 # ----------------------------------------------------------------- resumable pre-training
 
 
-TINY = dict(d_model=32, layers=1, vocab_size=300, steps=6, batch_size=2, seq_len=16,
-            warmup=2, checkpoint_every=3, export_every=3, heldout_passages=4)
+TINY = dict(d_model=32, layers=1, vocab_size=300, steps=4, batch_size=4, seq_len=16,
+            warmup=2, checkpoint_every=3, export_every=3, heldout_passages=4, read_steps=5,
+            read_seq_len=40)
 
 
 class _StopAt:
-    """A stand-in for tqdm whose update raises ``error`` once ``step`` steps are done."""
+    """A stand-in for tqdm whose update raises ``error`` once ``step`` steps of the loop named
+    ``desc`` are done."""
 
-    def __init__(self, step, error):
-        self.step, self.error = step, error
+    def __init__(self, desc, step, error):
+        self.desc, self.step, self.error = desc, step, error
 
-    def __call__(self, *args, initial=0, **kwargs):
-        self.n = initial
+    def __call__(self, *args, initial=0, desc=None, **kwargs):
+        self.n, self.armed = initial, desc == self.desc
         return self
 
     def update(self, k):
         self.n += k
-        if self.n == self.step:
+        if self.armed and self.n == self.step:
             raise self.error
 
     def set_postfix(self, **kwargs):
@@ -303,31 +305,84 @@ def small_texts():
     return train_texts[:300], heldout[:20]
 
 
-@pytest.mark.parametrize("stop", [(3, KeyboardInterrupt), (5, RuntimeError)],
-                         ids=["interrupted", "crashed"])
+@pytest.mark.parametrize("stop", [("denoise", "checkpoint.pt", 3, KeyboardInterrupt),
+                                  ("read", "reading.pt", 4, RuntimeError)],
+                         ids=["interrupted-denoising", "crashed-reading"])
 def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
     monkeypatch.setattr(train, "pretraining_texts", lambda seed: small_texts)
     cfg = train.PretrainConfig(**TINY)
     straight = train.pretrain(tmp_path / "a", cfg, work=tmp_path / "a-work", progress=False)
 
-    step, error = stop
+    stage, checkpoint, step, error = stop
     with monkeypatch.context() as m:
-        m.setattr(train, "tqdm", _StopAt(step, error))
+        m.setattr(train, "tqdm", _StopAt(f"pretrain ({stage})", step, error))
         with pytest.raises(error):
             train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
     # Ctrl-C checkpoints where it stopped; a crash falls back to the last scheduled checkpoint
-    saved = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=True)
+    saved = torch.load(tmp_path / "b-work" / checkpoint, weights_only=True)
     assert saved["state"]["step"] == 3
     resumed = train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
 
-    assert resumed["step"] == straight["step"] == cfg.steps
+    assert resumed["step"] == straight["step"] == cfg.steps + cfg.read_steps
+    assert len(resumed["history"]) == cfg.steps + cfg.read_steps
     assert resumed["history"] == straight["history"]
     assert resumed["heldout_loss"] == straight["heldout_loss"]
-    a = torch.load(tmp_path / "a-work" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b-work" / "checkpoint.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["step"] == cfg.steps
+    assert resumed["heldout_read_loss"] == straight["heldout_read_loss"]
+    for name in ("checkpoint.pt", "reading.pt"):  # each stage's weights, bit for bit
+        a = torch.load(tmp_path / "a-work" / name, weights_only=True)["model"]
+        b = torch.load(tmp_path / "b-work" / name, weights_only=True)["model"]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["step"] == resumed["step"]
+    grown = BartForConditionalGeneration.from_pretrained(tmp_path / "b")
+    assert grown.config.max_position_embeddings == cfg.read_seq_len
+
+
+def test_the_reading_stage_starts_from_the_finished_denoising_stage(tmp_path, monkeypatch,
+                                                                     small_texts):
+    """A new reading stage reuses the denoised generator; another denoising recipe does not."""
+    monkeypatch.setattr(train, "pretraining_texts", lambda seed: small_texts)
+    first = train.pretrain(tmp_path / "g", train.PretrainConfig(**TINY), progress=False)
+    other_reading = train.PretrainConfig(**{**TINY, "read_steps": 2, "read_lr": 1e-3})
+    with pytest.raises(ValueError, match="other settings"):  # the reading checkpoint refuses
+        train.pretrain(tmp_path / "g", other_reading, progress=False)
+    (tmp_path / "g-work" / "reading.pt").unlink()  # a new reading recipe starts afresh
+    again = train.pretrain(tmp_path / "g", other_reading, progress=False)
+    assert again["stages"]["denoise"] == first["stages"]["denoise"]
+    assert again["history"][:TINY["steps"]] == first["history"][:TINY["steps"]]
+    assert len(again["history"]) == TINY["steps"] + 2
+    other_denoising = train.PretrainConfig(**{**TINY, "lr": 1e-3})
+    with pytest.raises(ValueError, match="other settings"):  # its checkpoint refuses it
+        train.pretrain(tmp_path / "g", other_denoising, progress=False)
+
+
+def test_extended_positions_keep_the_trained_ones_and_copy_them_onwards():
+    texts = ["Some words for a tokenizer to learn from."] * 20
+    tok = generator.train_tokenizer(texts, vocab_size=300)
+    model = BartForConditionalGeneration(generator.tiny_config(tok, 16, 1, max_positions=8))
+    grown = train.extend_positions(model, 20).eval()
+    model.eval()
+    old = model.model.encoder.embed_positions.weight
+    new = grown.model.encoder.embed_positions.weight
+    assert new.shape == (20 + 2, 16)
+    assert torch.equal(new[:10], old) and torch.equal(new[10:18], old[2:])
+    ids = torch.tensor([tok("Some words for a")["input_ids"]])  # fits the old 8 positions
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, grown(input_ids=ids).logits)
+
+
+def test_reading_batches_read_their_span_from_the_passage_in_the_input():
+    tok = generator.load_generator("tiny")[1]
+    pairs, heldout = train.reading_pairs(0)
+    assert {p.title for p, _ in pairs}.isdisjoint(p.title for p, _ in heldout)
+    cfg = train.PretrainConfig()
+    batch = train.reading_batch(pairs, 16, tok, cfg, random.Random(0))
+    assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] <= cfg.read_seq_len
+    for source, target, mask in zip(batch["input_ids"], batch["labels"], batch["target_mask"]):
+        text = tok.decode(source, skip_special_tokens=True)
+        passage, question = text.split(" // ")
+        span = tok.decode(target[mask], skip_special_tokens=True)
+        assert span in passage and data.BLANK in question
 
 
 def test_an_interrupted_generator_export_leaves_the_previous_one(tmp_path, monkeypatch):
@@ -365,14 +420,15 @@ def test_pretraining_in_bf16_runs_under_autocast_and_records_it(tmp_path, monkey
     monkeypatch.setattr(train, "denoising_loss", spy)
     for bf16 in (True, False):
         seen.clear()
-        cfg = train.PretrainConfig(**{**TINY, "steps": 2, "bf16": bf16})
+        cfg = train.PretrainConfig(**{**TINY, "steps": 2, "read_steps": 0, "bf16": bf16})
         meta = train.pretrain(tmp_path / str(bf16), cfg, progress=False)
         assert meta["bf16"] is bf16 and math.isfinite(meta["heldout_loss"])
         assert seen[:2] == [bf16, bf16]  # the training steps; the held-out loss stays fp32
         assert not any(seen[2:])
     with pytest.raises(ValueError, match="other settings"):  # a run never changes precision
         train.pretrain(tmp_path / "True",
-                       train.PretrainConfig(**{**TINY, "steps": 2, "bf16": False}),
+                       train.PretrainConfig(**{**TINY, "steps": 2, "read_steps": 0,
+                                               "bf16": False}),
                        work=tmp_path / "True-work", progress=False)
     # an fp32 run's settings are those written before bf16 existed: old checkpoints resume
     saved = torch.load(tmp_path / "False-work" / "checkpoint.pt", weights_only=True)
@@ -398,8 +454,9 @@ def test_shipped_generator_loads_and_reproduces_its_heldout_loss():
     model, tok = generator.load_generator("tiny")
     meta = json.loads((generator.SHIPPED / "pretrain.json").read_text())
     cfg = train.PretrainConfig(**meta["config"])
-    assert meta["recipe"] == "ragbook pretrain" and meta["step"] == cfg.steps
+    assert meta["recipe"] == "ragbook pretrain" and meta["step"] == cfg.steps + cfg.read_steps
     assert cfg == train.PretrainConfig()  # `ragbook pretrain` with no options remakes it
+    assert model.config.max_position_embeddings == cfg.read_seq_len
     assert len(tok) == model.config.vocab_size == cfg.vocab_size
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
     assert (generator.SHIPPED / "model.safetensors").stat().st_size <= 25_000_000
@@ -410,3 +467,7 @@ def test_shipped_generator_loads_and_reproduces_its_heldout_loss():
     heldout = random.Random(cfg.seed).sample(heldout, cfg.heldout_passages)
     loss = train.heldout_loss(model, tok, heldout, cfg)
     assert loss == pytest.approx(meta["heldout_loss"], rel=1e-3)
+    _, pairs = train.reading_pairs(cfg.seed)
+    pairs = random.Random(cfg.seed).sample(pairs, cfg.heldout_passages)
+    loss = train.heldout_read_loss(model, tok, pairs, cfg)
+    assert loss == pytest.approx(meta["heldout_read_loss"], rel=1e-3)
