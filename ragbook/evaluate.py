@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Example, Passage
+from .data import SALIENT_SPANS, Example, Passage
 from .pipeline import Prediction, RagModel, Retrieved, exact_match, normalize_answer
 
 
@@ -335,11 +335,65 @@ def edited_corpus(corpus: Sequence[Passage], edits: dict[str, str]) -> list[Pass
     return out
 
 
+def span_kind(span: str) -> str:
+    """A salient span's kind (:data:`ragbook.data.SALIENT_SPANS`): date, number or name."""
+    for kind in ("date", "number"):
+        if SALIENT_SPANS[kind].fullmatch(span):
+            return kind
+    return "name"
+
+
+def edit_spans(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
+    """Pick ``n`` reading-QA facts, one per article, and give each a new answer of its kind:
+    the chosen spans are passed round a cycle within each kind (a year becomes another fact's
+    year, a name another fact's name), so every new answer is a plausible one that only the
+    passage can confirm. Returns question → new span; a fact whose cycle would give it back
+    its own span is left out."""
+    import random
+
+    first = {}
+    for e in examples:
+        first.setdefault(e.article, e)
+    chosen = random.Random(f"span-swap/{seed}").sample(sorted(first), min(n, len(first)))
+    by_kind: dict[str, list[Example]] = {}
+    for article in chosen:
+        e = first[article]
+        by_kind.setdefault(span_kind(e.answers[0]), []).append(e)
+    edits = {}
+    for group in by_kind.values():
+        for e, new in zip(group, group[1:] + group[:1]):
+            if normalize_answer(new.answers[0]) != normalize_answer(e.answers[0]):
+                edits[e.question] = new.answers[0]
+    return edits
+
+
+def span_edited_corpus(corpus: Sequence[Passage], facts: Sequence[Example],
+                       edits: dict[str, str]) -> list[Passage]:
+    """A copy of ``corpus`` where each edited fact's article states its new span: every
+    whole-word mention of the old span in that article's passages is replaced."""
+    changes: dict[str, list[tuple[re.Pattern, str]]] = {}
+    for e in facts:
+        old = re.compile(rf"(?<!\w){re.escape(e.answers[0])}(?!\w)")
+        changes.setdefault(e.article, []).append((old, edits[e.question].replace("\\", r"\\")))
+    out = []
+    for p in corpus:
+        text = p.text
+        for old, new in changes.get(p.title, ()):
+            text = old.sub(new, text)
+        out.append(p if text == p.text else Passage(p.id, p.title, text))
+    return out
+
+
 def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 0,
              progress: bool = False, kinds: Mapping[str, str] | None = None,
              marginalization: str = "token",
-             predictions: Sequence[Prediction] | None = None) -> dict:
+             predictions: Sequence[Prediction] | None = None, task: str = "entity-qa") -> dict:
     """Swap the index for one built over an edited corpus, without retraining.
+
+    ``task`` says what an edit is: for entity QA an article is renamed (:func:`edit_facts`,
+    :func:`edited_corpus`), for reading QA the answer span is changed in its article's text
+    (:func:`edit_spans`, :func:`span_edited_corpus`) — the paper's case, where the newer index
+    states another fact and the question stays the same.
 
     Among facts the model answers correctly with the original index (and whose question does
     not name its answer: :func:`edit_facts`), ``followed`` is the share answered with the *new*
@@ -362,10 +416,17 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples: pass "
                          "the model's answers to exactly these examples, or none")
     known = [e for e, p in zip(examples, predictions) if p.em]
-    edits = edit_facts(known, n_facts, seed, kinds)
-    facts = [e for e in known if e.article in edits]
     original_index, original_vectors, original_bm25 = model.index, model.doc_vectors, model.bm25
-    corpus = edited_corpus(original_index.passages, edits)
+    if task == "reading-qa":
+        edits = edit_spans(known, n_facts, seed)
+        facts = [e for e in known if e.question in edits]
+        corpus = span_edited_corpus(original_index.passages, facts, edits)
+        swapped = [Example(e.question, [edits[e.question]], e.article) for e in facts]
+    else:
+        edits = edit_facts(known, n_facts, seed, kinds)
+        facts = [e for e in known if e.article in edits]
+        corpus = edited_corpus(original_index.passages, edits)
+        swapped = [Example(e.question, [edits[e.article]], edits[e.article]) for e in facts]
     changed = [i for i, (old, new) in enumerate(zip(original_index.passages, corpus))
                if new is not old]
     vectors = original_vectors.cpu().numpy().copy()  # only the edited passages are re-encoded
@@ -376,7 +437,6 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
     new_index = type(original_index).build(vectors, corpus, kind=original_index.kind,
                                            metadata=dict(original_index.metadata),
                                            progress=False)
-    swapped = [Example(e.question, [edits[e.article]], edits[e.article]) for e in facts]
     try:
         model.index = original_index.swap(new_index)
         model.doc_vectors = torch_from(vectors, original_vectors)
@@ -394,7 +454,7 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
                           "answer_after_swap": a.prediction}
                          for e, s, a in zip(facts[:10], swapped, after)],
             "misses": [{"question": s.question, "new": s.answers[0], "answer": a.prediction,
-                        "edited_rank": _rank(s.answers[0], a.provenance)}
+                        "edited_rank": _rank(s.article, a.provenance)}
                        for s, a in zip(swapped, after) if not a.em]}
 
 
@@ -408,7 +468,8 @@ def miss_kinds(hot_swap_result: dict) -> Counter:
 
 
 def _rank(title: str, provenance: list[dict]) -> int | None:
-    """1-based rank of the passage titled ``title`` by posterior; None if not retrieved."""
+    """1-based rank of the (edited) passage titled ``title`` by posterior; None if not
+    retrieved."""
     titles = [d["title"] for d in sorted(provenance, key=lambda d: -d["posterior"])]
     return titles.index(title) + 1 if title in titles else None
 

@@ -27,7 +27,16 @@ from ragbook import pipeline, rag
 from ragbook import train as T
 from ragbook.config import Preset
 from ragbook.data import Example, Passage
-from ragbook.evaluate import edit_facts, edited_corpus, evaluate_rag, f1_score, hot_swap, k_sweep
+from ragbook.evaluate import (
+    edit_facts,
+    edit_spans,
+    edited_corpus,
+    evaluate_rag,
+    f1_score,
+    hot_swap,
+    k_sweep,
+    span_edited_corpus,
+)
 from ragbook.generator import encode_inputs, encode_targets, tiny_config, token_logprobs
 from ragbook.generator import train_tokenizer as train_bpe
 from ragbook.index import DenseIndex
@@ -648,6 +657,54 @@ def test_hot_swap_serves_the_edited_index_then_restores_the_original(toy, monkey
     expected = toy.doc_encoder.encode_passages([edited[i] for i in changed], progress=False)
     torch.testing.assert_close(swapped_vectors[changed], torch.from_numpy(expected))
     assert not torch.allclose(swapped_vectors[changed], vectors[changed])
+
+
+def test_span_edits_stay_within_their_kind_and_change_only_their_article():
+    facts = [Example("founded in _____ by", ["1990"], "A"), Example("born in _____", ["1802"], "B"),
+             Example("a height of _____ metres", ["8,849"], "C"),
+             Example("about _____ people", ["12"], "D"), Example("led by _____", ["Ada King"], "E"),
+             Example("won by _____", ["Tom Lee"], "F"), Example("again in _____", ["1990"], "A")]
+    edits = edit_spans(facts, 10, seed=0)
+    assert edits == edit_spans(facts, 10, seed=0)
+    assert len(edits) == 6 and facts[-1].question not in edits  # one fact per article
+    kinds = {"1990": "date", "1802": "date", "8,849": "number", "12": "number",
+             "Ada King": "name", "Tom Lee": "name"}
+    for e in facts[:6]:
+        new = edits[e.question]
+        assert new != e.answers[0] and kinds[new] == kinds[e.answers[0]]
+    corpus = [Passage("A::0", "A", "A was founded in 1990 by B; 19901 is a number."),
+              Passage("B::0", "B", "B was born in 1802 and 1990.")]
+    edited = span_edited_corpus(corpus, facts[:2], edits)
+    assert edited[0].text == "A was founded in 1802 by B; 19901 is a number."
+    assert edited[1].text == "B was born in 1990 and 1990."  # only its own span, 1802
+    assert edited[0].id == "A::0" and span_edited_corpus(corpus, [], {}) == corpus
+
+
+def test_a_reading_hot_swap_serves_passages_stating_other_spans(toy, monkeypatch):
+    """With a reader that copies the word before the asked animal from the passage naming it,
+    the answer follows the served index: each edited colour is read after the swap, and the
+    old one once the original index is back."""
+    model = _model(toy)
+    index = model.index
+    reading = [Example(f"the _____ {ANIMALS[i]}", [COLOURS[i]], town)
+               for i, town in enumerate(TOWNS)]
+
+    def reader(questions, answers=None, **kwargs):
+        found = model.retrieve(questions, len(CORPUS)).passages
+        out = []
+        for q, a, row in zip(questions, answers, found):
+            animal = f" {q.split()[-1]}."
+            text = next(p.text for p in row if animal in p.text)
+            out.append(Prediction(q, text.split(animal)[0].split()[-1], list(a)))
+        return out
+
+    monkeypatch.setattr(model, "answer", reader)
+    edits = edit_spans(reading, 4, seed=0)
+    result = hot_swap(model, reading, n_facts=4, seed=0, task="reading-qa")
+    assert result["facts"] == len(edits) == 4
+    assert result["followed"] == 1.0 and result["kept"] == 1.0 and result["misses"] == []
+    assert {x["new"] for x in result["examples"]} == set(edits.values())
+    assert model.index is index and model.index.passages == CORPUS
 
 
 def test_hot_swap_restores_the_index_when_evaluation_fails(toy, monkeypatch):
