@@ -251,15 +251,17 @@ def reading_question(passage: Passage, description: str, rng: random.Random,
 
 
 def _reading_qa(articles, rng) -> list[Example]:
-    """The course's open-domain QA (Table 1): span answers read from a passage. One question
-    per passage of each article that has a description (:func:`reading_question`)."""
+    """The course's open-domain QA (Table 1): span answers read from a passage. At most one
+    question per passage of each article that has a description (:func:`reading_question`),
+    none whose description names the answer ("… atomic number 36 (Kr)" asking for 36)."""
     out = []
     for a in articles:
         if not a["description"] or a["title"].lower() in a["description"].lower():
             continue
         for p in split_passages(a["title"], a["extract"]):
-            if (q := reading_question(p, a["description"], rng)) is not None:
-                out.append(q)
+            q = reading_question(p, a["description"], rng)
+            if q is not None and q.answers[0].lower() not in a["description"].lower():
+                out.append(q)  # not one whose description names its answer
     return out
 
 

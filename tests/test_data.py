@@ -83,6 +83,7 @@ def test_reading_qa_answers_are_spans_of_their_article_read_through_a_short_clue
             described[e.article] + ": ") else (None, None)
         assert description == described[e.article]
         assert clue.count(data.BLANK) == 1 and e.article.lower() not in clue.lower()
+        assert e.answers[0].lower() not in description.lower()
         assert len(clue.split()) <= 2 * data.READING_WINDOW + 1 + clue.count(data.BLANK) * 4
         assert any(e.answers[0] in text for text in passages[e.article])
         verbatim += any(clue.replace(data.BLANK, e.answers[0]) in text
