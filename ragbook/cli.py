@@ -523,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=3e-4,
                    help="the generator's learning rate (default 3e-4)")
     p.add_argument("--n-docs", type=count, default=5, help="passages k marginalized over")
-    p.add_argument("--max-source-length", type=_at_least(8), default=128,
-                   help="generator input tokens, passage and question (default 128)")
+    p.add_argument("--max-source-length", type=_at_least(8), default=256,
+                   help="generator input tokens, passage and question (default 256)")
     p.add_argument("--eval-every", type=count, default=50, help="dev evaluation interval")
     p.add_argument("--device", type=_device,
                    help="cpu or cuda (default: $RAGBOOK_DEVICE, else CUDA when there is a GPU)")

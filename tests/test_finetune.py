@@ -188,7 +188,7 @@ def bad(own, tmp_path, monkeypatch):
     (["finetune", "--index", "{ix}", "--train", "{train}", "--out", "{out}", "--steps", "0"],
      "argument --steps: must be at least 1, got 0"),
     (["finetune", "--index", "{ix}", "--train", "{train}", "--out", "{out}",
-      "--max-source-length", "512"], "the generator has 128 positions; give at most 128"),
+      "--max-source-length", "512"], "the generator has 256 positions; give at most 256"),
     (["finetune", "--index", "{ix}", "--train", "{train}", "--out", "{out}", "--resume"],
      "nothing to resume: no checkpoint"),
     (["answer", "--model", "{old}", "--questions", "{train}", "--out", "{out}"],
