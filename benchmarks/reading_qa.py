@@ -9,7 +9,10 @@ span), with the paper's dense prior p_η(z|x) ∝ exp(d(z)ᵀq(x)) and frozen Mi
   (the same generator, k = 1);
 - closed-book BART: the generator fine-tuned on the train questions alone (the paper's BART);
 - optionally (``--rag-steps``) RAG-Token and RAG-Sequence after joint fine-tuning on the train
-  questions, with k = 5 and k = 1.
+  questions, with k = 5 and k = 1;
+- the index hot-swap (§4.5) as the paper means it (``--hot-swap N``): N facts RAG-Token answers
+  right get another span in their passage (``evaluate.hot_swap(task="reading-qa")``); the share
+  answered with the new span after the swap, and with the old one once the index is back.
 
 Every comparison is paired (the same questions), with the standard error of the per-question
 F1 difference. Decoding is greedy, as the paper decodes open-domain QA (Appendix A).
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--source-length", type=int, default=256)
     ap.add_argument("--closed-book-steps", type=int, default=300)
     ap.add_argument("--rag-steps", type=int, default=0)
+    ap.add_argument("--hot-swap", type=int, default=0, help="facts to edit (0: no hot-swap)")
     ap.add_argument("--out", default="benchmarks/results/reading_qa.json")
     args = ap.parse_args()
 
@@ -80,6 +84,7 @@ def main() -> None:
     recall = ev.retrieval_hits(model, test, (1, 5, 20))
     record["recall"] = {f"@{k}": float(h.mean()) for k, h in recall.items()}
     scores: dict[str, list[float]] = {}
+    predictions = {}
 
     gold = generate_answers(model.generator, model.tokenizer, [e.question for e in test],
                             gold_passages(test), num_beams=1,
@@ -90,8 +95,15 @@ def main() -> None:
             if k == 1 and name == "RAG-Sequence":
                 continue  # one document: the two marginalizations coincide
             label = f"{name} k={k}" if k > 1 else "top-1 passage only (k=1)"
-            scores[label] = f1s(ev.evaluate_rag(model, test, marginalization, n_docs=k)[1])
+            predictions[label] = ev.evaluate_rag(model, test, marginalization, n_docs=k)[1]
+            scores[label] = f1s(predictions[label])
             print(label, round(float(np.mean(scores[label])), 3), flush=True)
+    if args.hot_swap:
+        swap = ev.hot_swap(model, test, args.hot_swap, preset.seed, marginalization="token",
+                           predictions=predictions["RAG-Token k=5"], task="reading-qa")
+        record["hot_swap"] = {k: swap[k] for k in ("facts", "followed", "kept", "examples")}
+        record["hot_swap"]["misses"] = dict(ev.miss_kinds(swap))
+        print("hot-swap", {k: swap[k] for k in ("facts", "followed", "kept")}, flush=True)
     if args.closed_book_steps:
         book = ev.ClosedBook(preset, *trained_closed_book(preset, "reading-qa",
                                                           args.closed_book_steps))
