@@ -225,10 +225,16 @@ def load(autograder: str | Path) -> Assignment:
     with zipfile.ZipFile(autograder) as z:
         meta = json.loads(z.read("assignment.json"))
         source = z.read("hidden.py").decode()
-    module = types.ModuleType(f"ragbook_hidden_{meta['name']}")
-    module.__file__ = f"{autograder}/hidden.py"
+    return Assignment(meta["name"], meta["questions"], hidden_tests(source, meta["name"]))
+
+
+def hidden_tests(source: str, name: str) -> types.ModuleType:
+    """An assignment's hidden tests (``NN_name.py``), as a module: ``FORBID``, the references
+    guarded while the submission runs, and ``q1(seed)``, ``q2(seed)``, … drawing its cases."""
+    module = types.ModuleType(f"ragbook_hidden_{name}")
+    module.__file__ = f"{name}-autograder.zip/hidden.py"
     exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return Assignment(meta["name"], meta["questions"], module)
+    return module
 
 
 def autograders_in(directory: str | Path) -> dict[str, Assignment]:
@@ -312,7 +318,7 @@ SUSPECT = {
     "_getframe": "interpreter frames", "settrace": "a tracer", "setprofile": "a profiler",
     "get_referrers": "the garbage collector's references", "reload": "re-importing a module",
     "__code__": "a function's code object", "ctypes": "ctypes", "Checker": "otter's checker",
-    "GradingResults": "otter's results", "modules": "sys.modules",
+    "GradingResults": "otter's results",
 }
 
 
@@ -347,7 +353,7 @@ def tampering(cells: list[str]) -> list[str]:
                 elif isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) \
                         and node.value.id in ("grader", "otter"):
                     what = f"rewrites {node.value.id}.{node.attr}"
-            elif isinstance(node, ast.Name) and node.id in SUSPECT and node.id != "modules":
+            elif isinstance(node, ast.Name) and node.id in SUSPECT:
                 what = SUSPECT[node.id]
             if what and f"cell {i}: {what}" not in found:
                 found.append(f"cell {i}: {what}")

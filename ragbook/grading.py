@@ -58,7 +58,8 @@ class Case:
 
 
 def encode(value: Any) -> Any:
-    """A value as JSON: tensors, arrays, tuples, dicts and sets tagged, plain JSON as it is."""
+    """A value as JSON: tensors, arrays, tuples, dicts and passages tagged, plain JSON as it
+    is."""
     import numpy as np
 
     if value is None or isinstance(value, (bool, int, str)):
@@ -76,6 +77,8 @@ def encode(value: Any) -> Any:
                 "shape": list(value.shape), "v": [encode(x) for x in flat.ravel().tolist()]}
     if isinstance(value, (list, tuple)):
         return {"t": type(value).__name__, "v": [encode(x) for x in value]}
+    if type(value).__name__ == "Passage" and type(value).__module__ == "ragbook.data":
+        return {"t": "passage", "v": [value.id, value.title, value.text]}
     if isinstance(value, dict):
         return {"t": "dict", "v": [[encode(k), encode(v)] for k, v in value.items()]}
     return {"t": "other", "v": type(value).__name__[:60]}
@@ -116,6 +119,12 @@ def decode(obj: Any) -> Any:
         if tag == "ndarray":
             return np.array(flat, dtype=dtype).reshape(shape)
         return torch.tensor(flat, dtype=getattr(torch, dtype)).reshape(shape)
+    if tag == "passage":
+        from .data import Passage
+
+        if len(items) != 3 or not all(isinstance(x, str) for x in items):
+            raise ValueError("a malformed passage")
+        return Passage(*items)
     if tag in ("list", "tuple"):
         values = [decode(x) for x in items]
         return values if tag == "list" else tuple(values)
@@ -232,8 +241,8 @@ def compare(got: Any, expected: Any, tol: float = TOLERANCE) -> str | None:
 
 def expect(function: Callable, args: str, expected: str, tol: float = TOLERANCE) -> None:
     """A public test: ``function(<args>)`` should equal ``<expected>``; both are Python source,
-    evaluated with ``math``, ``torch`` and ``numpy as np`` in scope (the grader evaluates the
-    same text in its own process). Fails with what was expected and what came."""
+    evaluated with ``math``, ``torch``, ``numpy as np`` and ``Passage`` in scope (the grader
+    evaluates the same text in its own process). Fails with what was expected and what came."""
     scope = _scope()
     got = function(*eval(f"({args},)", scope))
     want = eval(expected, scope)
@@ -245,7 +254,9 @@ def _scope() -> dict:
     import numpy as np
     import torch
 
-    return {"math": math, "torch": torch, "np": np}
+    from .data import Passage
+
+    return {"math": math, "torch": torch, "np": np, "Passage": Passage}
 
 
 def public_case(function: str, args: str, expected: str, tol: float = TOLERANCE) -> Case:
@@ -313,14 +324,15 @@ def guard_references(names: Sequence[str]) -> None:
 
 
 class _Guard:
-    """Calls a guarded reference for ragbook's own code; refuses everyone else."""
+    """Calls a guarded reference for ragbook's own code; refuses everyone else, this module
+    too (it calls the submission's functions, which may be a reference under another name)."""
 
     def __init__(self, originals: dict[str, Callable]):
         self._originals = originals
 
     def __call__(self, dotted: str, args: tuple, kwargs: dict) -> Any:
-        caller = sys._getframe(2).f_code.co_filename
-        if not os.path.realpath(caller).startswith(str(PACKAGE) + os.sep):
+        caller = os.path.realpath(sys._getframe(2).f_code.co_filename)
+        if not caller.startswith(str(PACKAGE) + os.sep) or caller == os.path.realpath(__file__):
             raise ReferenceUnavailable(f"{dotted} {UNAVAILABLE}")
         return self._originals[dotted](*args, **kwargs)
 
