@@ -75,6 +75,15 @@ def isolation() -> list[str]:
     return [] if probe.returncode == 0 else list(OFF_WITHOUT_BWRAP)
 
 
+def _nobody_can_run_python() -> bool:
+    """Whether user ``nobody`` can reach this Python (a Python under ``/root`` it cannot)."""
+    for top in {Path(sys.executable).resolve(), Path(sys.base_prefix).resolve(),
+                Path(sys.prefix).resolve()}:
+        if any(not os.stat(p).st_mode & 0o001 for p in top.parents):
+            return False
+    return True
+
+
 def _as_nobody() -> None:
     """Before exec, when root and without bubblewrap: become ``nobody``, so that the process
     limit binds and nothing of root's is writable."""
@@ -196,8 +205,10 @@ def run(argv: list[str], stdin: bytes, limits: Limits, readable: list[Path] = ()
     environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"}
     environment |= {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
     environment |= env or {}
+    # then RLIMIT_NPROC counts nobody's processes alone
+    as_nobody = bool(off) and os.geteuid() == 0 and _nobody_can_run_python()
     if off:
-        work = Path(_private_tmp())
+        work = Path(_private_tmp(chown=as_nobody))
         cmd, cwd = argv, work
     else:
         cmd = _bwrap([*python_paths(), *readable], Path("/tmp"), limits.tmp_size)
@@ -206,7 +217,8 @@ def run(argv: list[str], stdin: bytes, limits: Limits, readable: list[Path] = ()
         cmd, cwd, work = cmd + argv, None, None
     cpu = limits.cpu_seconds or int(limits.seconds * (os.cpu_count() or 1)) + 1
     groups = ControlGroups(limits)
-    as_nobody = bool(off) and os.geteuid() == 0  # then RLIMIT_NPROC counts nobody's alone
+    if off and os.geteuid() == 0 and not as_nobody:
+        off = off + ["an unprivileged user (nobody cannot reach this Python)"]
     if "pids" not in groups.controls and not as_nobody:
         off = off + ["process-count limit"]
     if "memory" not in groups.controls:
@@ -284,11 +296,11 @@ def _feed(stream, data: bytes) -> None:
         stream.close()
 
 
-def _private_tmp() -> str:
-    """A temporary directory the sandboxed user can write (it may be ``nobody``)."""
+def _private_tmp(chown: bool) -> str:
+    """A temporary directory the sandboxed process can write (``chown``: it runs as nobody)."""
     import tempfile
 
     path = tempfile.mkdtemp(prefix="ragbook-sandbox-")
-    if os.geteuid() == 0:
+    if chown:
         os.chown(path, NOBODY, NOBODY)
     return path

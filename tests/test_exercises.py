@@ -3,11 +3,12 @@ work.
 
 One session build (``exercises.build``, which grades every reference solution and refuses one
 short of full marks) serves every test. One session ``grade`` scores a mixed batch: the student
-notebooks unmodified (zero), partial work (strictly between), a submission that imports the
-package's reference for every question that has one, one that rewrites otter's checker, one that
-reaches for the network, other files and the machine's memory and leaves a process behind, one
-with another kernel, and files that are not gradable. Each graded submission runs in its own
-sandbox (bubblewrap): about ten seconds of CPU, most of it starting Python and torch.
+notebooks unmodified (zero); for each assignment with a package reference, the reference
+solution with that reference imported in place of the answers it can replace (one of them with
+an R kernel's metadata and a formula for a file name); one that rewrites otter's checker; one
+that reaches for the network, other files, the instructor's environment and the machine's
+memory and leaves a process behind; files that are not gradable. Each graded submission runs
+in its own sandbox (bubblewrap): about ten seconds of CPU, most of it starting Python and torch.
 """
 
 import json
@@ -29,7 +30,7 @@ from ragbook import cli, exercises, gradebook, grading, sandbox
 MASTERS = exercises.masters()
 NAMES = [m.stem for m in MASTERS]
 STUDENT = exercises.EXERCISES / "student"
-LOOP_TIMEOUT = 30  # seconds: a sandbox reaches a notebook's first cell in 5, on a busy machine 15
+LOOP_TIMEOUT = 20  # seconds: a sandbox reaches a notebook's first cell in 5, on a busy machine 15
 ISOLATED = not sandbox.isolation()
 needs_bwrap = pytest.mark.skipif(not ISOLATED, reason="bubblewrap cannot isolate here: "
                                  f"{', '.join(sandbox.isolation())} off (`make sysdeps`)")
@@ -273,11 +274,12 @@ def graded(built, tmp_path_factory, listener):
     batch.mkdir()
     port, _ = listener
     paths = {"stubs": [STUDENT / f"{n}.ipynb" for n in NAMES],
-             "partial": [filled(n, -1, batch / f"partial{i}_{n}.ipynb")
-                         for i, n in enumerate(("04_rag_sequence", "07_evaluation"))],
              "imported": {n: filled(n, None, batch / f"importer{i}_{n}.ipynb", replace)
                           for i, (n, replace) in enumerate(IMPORTED.items())}}
     paths["tamper"] = filled("07_evaluation", None, batch / "tamper_1.ipynb", {"q2": '''\
+def exact_match(prediction, answers):
+    return 1.0
+
 import otter.execute.checker as checker
 real = checker.Checker.check
 def inflated(*args, **kwargs):
@@ -285,10 +287,7 @@ def inflated(*args, **kwargs):
     result.grade = 100
     return result
 checker.Checker.check = inflated
-grader.check = lambda *a, **k: None
-
-def exact_match(prediction, answers):
-    return 1.0'''})
+grader.check = lambda *a, **k: None'''})
     marker = f"ragbook-test-orphan-{os.getpid()}"
     secrets = [str(paths["tamper"]), str(dist / "07_evaluation-autograder.zip"),
                str(exercises.EXERCISES / "source" / "07_evaluation.py"), "/root/.bash_history"]
@@ -300,11 +299,13 @@ def exact_match(prediction, answers):
         "if LEAKS:\n    normalize = exact_match = f1 = lambda *a: 'leaked: ' + ', '.join(LEAKS)"))
     nbformat.write(nb, hostile)
     paths["hostile"], paths["marker"] = hostile, marker
-    kernel = filled("05_rag_token", None, batch / "=cmd_kernel.ipynb")
+    kernel = paths["imported"]["05_rag_token"].rename(batch / "=cmd_05.ipynb")  # a formula
     nb = nbformat.read(kernel, as_version=4)
     nb.metadata["kernelspec"] = {"name": "ir", "display_name": "R", "language": "R"}
     nbformat.write(nb, kernel)
-    paths["kernel"] = kernel
+    paths["imported"]["05_rag_token"] = paths["kernel"] = kernel
+    # partial work: the reference imported for some questions, tampering with one
+    paths["partial"] = [paths["imported"]["04_rag_sequence"], paths["tamper"]]
     essay = batch / "essay.ipynb"
     essay.write_text("Dear grader, here is my essay.")
     traversal = batch / "traversal.ipynb"
@@ -331,10 +332,10 @@ def test_unmodified_zero_and_partial_strictly_between(graded):
     total = totals(rows)
     for path in paths["stubs"]:
         assert total[str(path)].points == 0 and total[str(path)].max_points > 0, total[str(path)]
+        first = by_question(rows, path)["q1"]
+        assert "got None" in first.reason and "hidden: 0 of" in first.reason  # and why
     for path in paths["partial"]:
         assert 0 < total[str(path)].points < total[str(path)].max_points, total[str(path)]
-        last = [r for r in rows if r.submission == str(path) and r.question != "total"][-1]
-        assert last.points == 0 and "no function" in last.reason
 
 
 def test_importing_the_reference_scores_nothing_for_that_question(graded):
@@ -379,7 +380,8 @@ def test_a_hostile_submission_is_contained_scored_and_leaves_nothing_running(gra
 def test_bad_files_are_reported_skipped_or_graded_whatever_the_kernel(graded):
     rows, paths, tmp = graded
     total = totals(rows)
-    assert total[str(paths["kernel"])].points == total[str(paths["kernel"])].max_points
+    assert by_question(rows, paths["kernel"])["q3"].points == 2  # an R kernel's metadata
+    assert total[str(paths["kernel"])].reason == ""
     assert "not an exercise notebook" in total[str(paths["essay"])].reason
     assert "assignment name '../../tmp/x'" in total[str(paths["traversal"])].reason
     assert "unknown assignment '99_no_such_assignment'" in total[str(paths["unknown"])].reason
@@ -401,9 +403,9 @@ def test_score_sheet_gradebook_and_feedback(graded):
     assert canvas[1].startswith("Points Possible,,")
     gradescope = (tmp / "scores-gradescope.csv").read_text().splitlines()
     assert gradescope[0].startswith("Name,SID,") and len(gradescope) == len(canvas) - 1
-    partial = next(line for line in canvas if line.startswith("partial1,"))
-    assert partial.split(",")[2 + NAMES.index("07_evaluation")] == \
-        f"{totals(rows)[str(paths['partial'][1])].points}"
+    tamper = next(line for line in canvas if line.startswith("tamper,"))
+    assert tamper.split(",")[2 + NAMES.index("07_evaluation")] == \
+        f"{totals(rows)[str(paths['tamper'])].points}"
     feedback = (tmp / "scores-feedback" / "tamper" / "07_evaluation.md").read_text()
     assert "## q2: 0 / 2" in feedback and "expected 0.0, got 1.0" in feedback
     assert "hidden: 0 of 10 cases passed" in feedback and "flagged" in feedback
@@ -422,8 +424,9 @@ def test_isolation_can_be_required_and_says_what_is_off(built, tmp_path, monkeyp
     status = cli.main(["exercises", "grade", str(STUDENT / "07_evaluation.ipynb"),
                        "--autograders", str(dist), "--out", str(tmp_path / "s.csv")])
     assert status == 0
-    total = json.loads((tmp_path / "s.json").read_text())[-1]
-    assert total["points"] == 0 and "network namespace" in total["protections_off"]
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows[-1]["points"] == 0 and "network namespace" in rows[-1]["protections_off"]
+    assert rows[-1]["reason"] == "" and "got None" in rows[0]["reason"]  # it ran, unisolated
 
 
 def test_a_loop_is_stopped_at_the_time_limit_and_the_batch_goes_on(built, tmp_path, capsys):
