@@ -388,20 +388,17 @@ def grade_one(submission: Path, assignments: dict[str, Assignment], seed: int = 
     calls = [{"function": c.function, "args": encode(c.args), "grad": list(c.grad)}
              for _, _, c in plan]
     expected = [probe(c.reference, c.args, c.grad) if c.reference else None for _, _, c in plan]
+    # the submission's cache is its own (relative: inside its working directory), never the
+    # instructor's: what it builds there cannot reach another grading
     env = {"OMP_NUM_THREADS": str(threads or 1), "MKL_NUM_THREADS": str(threads or 1),
            "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
-    from .config import cache_dir
-
-    readable = [PACKAGE]
-    if cache_dir().is_dir():
-        readable.append(cache_dir().resolve())
-        env["RAGBOOK_CACHE"] = str(cache_dir().resolve())
+           "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1",
+           "RAGBOOK_CACHE": "ragbook-cache"}
     request = {"cells": cells, "forbid": list(getattr(assignment.hidden, "FORBID", [])),
                "calls": calls}
     outcome = sandbox.run([sys.executable, "-m", "ragbook.grading"],
                           json.dumps(request).encode(), sandbox.Limits(seconds=timeout),
-                          readable, env, require=require_sandbox)
+                          [PACKAGE], env, require=require_sandbox)
     results, why = _response(outcome, timeout, len(plan))
     if why.startswith("tampered"):
         flags.append(why)

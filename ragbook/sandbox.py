@@ -210,6 +210,7 @@ def run(argv: list[str], stdin: bytes, limits: Limits, readable: list[Path] = ()
     if off:
         work = Path(_private_tmp(chown=as_nobody))
         cmd, cwd = argv, work
+        environment |= {"HOME": str(work), "TMPDIR": str(work)}
     else:
         cmd = _bwrap([*python_paths(), *readable], Path("/tmp"), limits.tmp_size)
         for key, value in environment.items():

@@ -68,7 +68,8 @@ IMPORTED = {
 def built(tmp_path_factory):
     """``build`` into a temporary directory: (autograder dir, student dir, records)."""
     root = tmp_path_factory.mktemp("exercises")
-    records = exercises.build(root / "dist", student_dir=root / "student", jobs=2)  # 2 cores
+    # two at once on two cores; a generous time limit, for a machine that others share
+    records = exercises.build(root / "dist", student_dir=root / "student", jobs=2, timeout=900)
     return root / "dist", root / "student", records
 
 
@@ -278,7 +279,7 @@ def graded(built, tmp_path_factory, listener):
                           for i, (n, replace) in enumerate(IMPORTED.items())}}
     paths["tamper"] = filled("07_evaluation", None, batch / "tamper_1.ipynb", {"q2": '''\
 def exact_match(prediction, answers):
-    return 1.0
+    return 2.0  # never right: its honest points are none
 
 import otter.execute.checker as checker
 real = checker.Checker.check
@@ -320,7 +321,7 @@ grader.check = lambda *a, **k: None'''})
     paths |= {"essay": essay, "traversal": traversal, "unknown": unknown}
     os.environ["RAGBOOK_TEST_SECRET"] = "the instructor's"
     try:
-        rows = exercises.grade([*paths["stubs"], batch], dist, tmp / "scores.csv",
+        rows = exercises.grade([*paths["stubs"], batch], dist, tmp / "scores.csv", timeout=900,
                                progress=False, jobs=2, require_sandbox=ISOLATED)
     finally:
         del os.environ["RAGBOOK_TEST_SECRET"]
@@ -407,7 +408,7 @@ def test_score_sheet_gradebook_and_feedback(graded):
     assert tamper.split(",")[2 + NAMES.index("07_evaluation")] == \
         f"{totals(rows)[str(paths['tamper'])].points}"
     feedback = (tmp / "scores-feedback" / "tamper" / "07_evaluation.md").read_text()
-    assert "## q2: 0 / 2" in feedback and "expected 0.0, got 1.0" in feedback
+    assert "## q2: 0 / 2" in feedback and "expected 1, got 2" in feedback
     assert "hidden: 0 of 10 cases passed" in feedback and "flagged" in feedback
     assert (tmp / "scores-feedback" / "_cmd" / "05_rag_token.md").exists()  # a safe file name
 
