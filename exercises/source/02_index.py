@@ -60,3 +60,21 @@ def q3(seed: int) -> list[Case]:
     # HNSW builds in parallel threads: a measurement, compared within 0.05
     return [Case("index_recall", (vectors, queries, kind), _index_recall, tol=0.05)
             for kind in ("hnsw", "ivfpq")]
+
+
+def _mips_vs_cosine(vectors: np.ndarray, queries: np.ndarray) -> float:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return float(np.mean((queries @ vectors.T).argmax(1) != (queries @ unit.T).argmax(1)))
+
+
+def q4(seed: int) -> list[Case]:
+    rng = np.random.default_rng(seed + 4)
+    cases = []
+    for _ in range(4):
+        m, dim = int(rng.integers(5, 200)), int(rng.integers(2, 16))
+        norms = rng.lognormal(0.0, float(rng.uniform(0.1, 1.5)), (m, 1))
+        vectors = rng.standard_normal((m, dim)) * norms
+        cases.append(Case("mips_differs_from_cosine",
+                          (vectors, rng.standard_normal((int(rng.integers(1, 40)), dim))),
+                          _mips_vs_cosine))
+    return cases

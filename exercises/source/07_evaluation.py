@@ -48,3 +48,19 @@ def q2(seed: int) -> list[Case]:
 
 def q3(seed: int) -> list[Case]:
     return [Case("f1", pair, f1_score) for pair in _pairs(random.Random(seed + 3), 10)]
+
+
+def _rescued(prediction: str, answers: list[str]) -> bool:
+    return prediction not in answers and exact_match(prediction, answers) == 1.0
+
+
+def q4(seed: int) -> list[Case]:
+    rng = random.Random(seed + 4)
+    cases = []
+    for _ in range(8):
+        answer = _answer(rng)
+        prediction = rng.choice([answer, answer.title(), f"the {answer}.", f"an {answer}!",
+                                 _answer(rng), f"{answer} {rng.choice(NORMAL)}"])
+        cases.append(Case("rescued_by_normalization", (prediction, [answer, _answer(rng)]),
+                          _rescued))
+    return cases
