@@ -62,6 +62,8 @@ IMPORTED = {
         "q2": "from ragbook.pipeline import exact_match",
         "q3": "from ragbook.evaluate import f1_score as f1"},
 }
+# questions whose reference solution calls an answer above, so the import reaches them too
+DEPENDENT = {"05_rag_token": {"q3"}, "07_evaluation": {"q4"}}
 
 
 @pytest.fixture(scope="session")
@@ -277,8 +279,8 @@ def graded(built, tmp_path_factory, listener):
     paths = {"stubs": [STUDENT / f"{n}.ipynb" for n in NAMES],
              "imported": {n: filled(n, None, batch / f"importer{i}_{n}.ipynb", replace)
                           for i, (n, replace) in enumerate(IMPORTED.items())}}
-    paths["tamper"] = filled("07_evaluation", None, batch / "tamper_1.ipynb", {"q2": '''\
-def exact_match(prediction, answers):
+    paths["tamper"] = filled("07_evaluation", None, batch / "tamper_1.ipynb", {"q3": '''\
+def f1(prediction, answers):
     return 2.0  # never right: its honest points are none
 
 import otter.execute.checker as checker
@@ -300,11 +302,11 @@ grader.check = lambda *a, **k: None'''})
         "if LEAKS:\n    normalize = exact_match = f1 = lambda *a: 'leaked: ' + ', '.join(LEAKS)"))
     nbformat.write(nb, hostile)
     paths["hostile"], paths["marker"] = hostile, marker
-    kernel = paths["imported"]["05_rag_token"].rename(batch / "=cmd_05.ipynb")  # a formula
+    kernel = paths["imported"]["04_rag_sequence"].rename(batch / "=cmd_04.ipynb")  # a formula
     nb = nbformat.read(kernel, as_version=4)
     nb.metadata["kernelspec"] = {"name": "ir", "display_name": "R", "language": "R"}
     nbformat.write(nb, kernel)
-    paths["imported"]["05_rag_token"] = paths["kernel"] = kernel
+    paths["imported"]["04_rag_sequence"] = paths["kernel"] = kernel
     # partial work: the reference imported for some questions, tampering with one
     paths["partial"] = [paths["imported"]["04_rag_sequence"], paths["tamper"]]
     essay = batch / "essay.ipynb"
@@ -344,7 +346,7 @@ def test_importing_the_reference_scores_nothing_for_that_question(graded):
     for name, replaced in IMPORTED.items():
         questions = by_question(rows, paths["imported"][name])
         for q, row in questions.items():
-            if q in replaced:
+            if q in replaced or q in DEPENDENT.get(name, ()):
                 assert row.points == 0, (name, q, row)
                 assert "is not available while your answer is graded" in row.reason, row
             elif q != "total":
@@ -356,8 +358,9 @@ def test_tampering_is_flagged_and_scores_no_more_than_its_honest_points(graded):
     questions = by_question(rows, paths["tamper"])
     total = questions["total"]
     assert "otter.execute.checker" in total.flag and "rewrites grader.check" in total.flag
-    assert questions["q2"].points == 0  # its exact_match is wrong: no otter result counts
-    assert total.points == questions["q1"].max_points + questions["q3"].max_points
+    assert questions["q3"].points == 0  # its f1 is wrong: no otter result counts
+    honest = sum(questions[q].max_points for q in ("q1", "q2", "q4"))
+    assert total.points == honest
     assert all(r.points <= r.max_points for r in rows)
 
 
@@ -381,7 +384,7 @@ def test_a_hostile_submission_is_contained_scored_and_leaves_nothing_running(gra
 def test_bad_files_are_reported_skipped_or_graded_whatever_the_kernel(graded):
     rows, paths, tmp = graded
     total = totals(rows)
-    assert by_question(rows, paths["kernel"])["q3"].points == 2  # an R kernel's metadata
+    assert by_question(rows, paths["kernel"])["q2"].points == 3  # an R kernel's metadata
     assert total[str(paths["kernel"])].reason == ""
     assert "not an exercise notebook" in total[str(paths["essay"])].reason
     assert "assignment name '../../tmp/x'" in total[str(paths["traversal"])].reason
@@ -408,9 +411,9 @@ def test_score_sheet_gradebook_and_feedback(graded):
     assert tamper.split(",")[2 + NAMES.index("07_evaluation")] == \
         f"{totals(rows)[str(paths['tamper'])].points}"
     feedback = (tmp / "scores-feedback" / "tamper" / "07_evaluation.md").read_text()
-    assert "## q2: 0 / 2" in feedback and "expected 1, got 2" in feedback
+    assert "## q3: 0 / 3" in feedback and "expected 0.666667, got 2" in feedback
     assert "hidden: 0 of 10 cases passed" in feedback and "flagged" in feedback
-    assert (tmp / "scores-feedback" / "_cmd" / "05_rag_token.md").exists()  # a safe file name
+    assert (tmp / "scores-feedback" / "_cmd" / "04_rag_sequence.md").exists()  # a safe name
 
 
 # --------------------------------------------------------------------------- limits and isolation
