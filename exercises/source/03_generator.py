@@ -75,3 +75,21 @@ def q3(seed: int) -> list[Case]:
         if len({round(_logprob(question, y), 3) for y in candidates}) == len(candidates):
             cases.append(Case("best_answer", (question, candidates), _best))
     return cases or [Case("best_answer", ("capital of France", ["Paris", "Rome"]), _best)]
+
+
+def _sum_and_mean(token_logprobs: dict[str, list[float]]) -> tuple[str, str]:
+    def mean(y: str) -> float:
+        return sum(token_logprobs[y]) / len(token_logprobs[y])
+
+    return max(token_logprobs, key=lambda y: sum(token_logprobs[y])), max(token_logprobs, key=mean)
+
+
+def q4(seed: int) -> list[Case]:
+    rng = random.Random(seed + 4)
+    cases = []
+    for _ in range(6):
+        titles = [p.title for p in rng.sample(_passages(), rng.randint(2, 6))]
+        scores = {t: [-rng.expovariate(rng.uniform(0.5, 3.0)) for _ in range(rng.randint(1, 8))]
+                  for t in titles}
+        cases.append(Case("best_by_sum_and_mean", (scores,), _sum_and_mean))
+    return cases
