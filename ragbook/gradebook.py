@@ -98,8 +98,9 @@ def write(rows: list[Score], feedback: list[Feedback], out_csv: Path) -> list[Pa
 
 def gradebooks(rows: list[Score]) -> tuple[bytes, bytes]:
     """The wide gradebook (student × assignment, totals), as Canvas and as Gradescope import it.
-    A student with two submissions of one assignment keeps the better."""
-    totals = [r for r in rows if r.question == "total" and r.assignment]
+    A student with two submissions of one assignment keeps the better; a file that was not
+    graded (not a notebook, an unknown assignment) has no column."""
+    totals = [r for r in rows if r.question == "total" and r.max_points > 0]
     assignments = sorted({r.assignment for r in totals})
     possible = {a: max(r.max_points for r in totals if r.assignment == a) for a in assignments}
     best: dict[str, dict[str, float]] = {}

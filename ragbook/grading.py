@@ -279,6 +279,22 @@ def public_tests(source: str) -> list[tuple[str, str, str, float]]:
     return found
 
 
+def draw_rag_inputs(g, batch: int | None = None, k: int | None = None,
+                    length: int | None = None) -> tuple:
+    """Random inputs of a marginalization, for hidden tests: per-token log-probabilities
+    (batch, k, T), a target mask true up to a random length per example, and unnormalised doc
+    scores (batch, k); sizes not given are drawn too (``g``: a ``torch.Generator``)."""
+    import torch
+
+    def size(given: int | None, low: int, high: int) -> int:
+        return given or int(torch.randint(low, high, (1,), generator=g))
+
+    batch, k, length = size(batch, 1, 5), size(k, 1, 7), size(length, 1, 12)
+    logprobs = torch.randn(batch, k, length, generator=g).log_softmax(-1) * 3
+    mask = torch.arange(length) < torch.randint(1, length + 1, (batch, 1), generator=g)
+    return logprobs, mask, torch.randn(batch, k, generator=g) * 4
+
+
 # --------------------------------------------------------------------------- the reference guard
 
 

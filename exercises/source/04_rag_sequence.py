@@ -5,19 +5,11 @@ Log-probabilities, masks, doc scores and beams are drawn from the submission's s
 
 import torch
 
-from ragbook.grading import Case
+from ragbook.grading import Case, draw_rag_inputs
 from ragbook.rag import rag_sequence_loss
 
 FORBID = ["ragbook.rag.rag_sequence_loss", "ragbook.rag.sequence_logprobs",
           "ragbook.rag.doc_posterior"]
-
-
-def _inputs(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, k, length = (int(torch.randint(lo, hi, (1,), generator=g))
-                        for lo, hi in ((1, 5), (1, 7), (1, 12)))
-    logprobs = torch.randn(batch, k, length, generator=g).log_softmax(-1) * 3
-    lengths = torch.randint(1, length + 1, (batch, 1), generator=g)
-    return logprobs, torch.arange(length) < lengths, torch.randn(batch, k, generator=g) * 4
 
 
 def _sequence(logprobs: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -28,7 +20,7 @@ def q1(seed: int) -> list[Case]:
     g = torch.Generator().manual_seed(seed)
     long = (torch.full((2, 3, 300), -6.0), torch.ones(2, 300, dtype=torch.bool),
             torch.randn(2, 3, generator=g))  # a product of probabilities underflows
-    return [Case("rag_sequence_logprob", _inputs(g), _sequence, grad=(0, 2))
+    return [Case("rag_sequence_logprob", draw_rag_inputs(g), _sequence, grad=(0, 2))
             for _ in range(4)] + [Case("rag_sequence_logprob", long, _sequence)]
 
 

@@ -7,17 +7,11 @@ scores against autograd's.
 
 import torch
 
-from ragbook.grading import Case
+from ragbook.grading import Case, draw_rag_inputs
 from ragbook.rag import rag_sequence_loss, rag_token_loss
 from ragbook.retriever import doc_scores
 
 FORBID = ["ragbook.rag.doc_posterior", "ragbook.rag.rag_sequence_loss"]
-
-
-def _logprobs(g: torch.Generator, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = int(torch.randint(1, 8, (1,), generator=g))
-    logprobs = torch.randn(n, k, length, generator=g).log_softmax(-1) * 3
-    return logprobs, torch.arange(length) < torch.randint(1, length + 1, (n, 1), generator=g)
 
 
 def _joint(q: torch.Tensor, d: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor,
@@ -33,7 +27,8 @@ def q1(seed: int) -> list[Case]:
         q = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
         d = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1)
         scale = [1.0, 20.0][int(torch.randint(2, (1,), generator=g))]
-        cases.append(Case("joint_loss", (q, d, *_logprobs(g, n, k), scale), _joint, grad=(0,)))
+        logprobs, mask, _ = draw_rag_inputs(g, n, k)
+        cases.append(Case("joint_loss", (q, d, logprobs, mask, scale), _joint, grad=(0,)))
     return cases
 
 
@@ -49,6 +44,6 @@ def q2(seed: int) -> list[Case]:
     for _ in range(5):
         n = int(torch.randint(1, 5, (1,), generator=g))
         k = int(torch.randint(2, 7, (1,), generator=g))
-        cases.append(Case("doc_score_gradient", (*_logprobs(g, n, k),
-                                                 torch.randn(n, k, generator=g) * 3), _gradient))
+        logprobs, mask, scores = draw_rag_inputs(g, n, k)
+        cases.append(Case("doc_score_gradient", (logprobs, mask, scores), _gradient))
     return cases
