@@ -5,7 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 export RAGBOOK_CACHE ?= $(CURDIR)/.cache/ragbook
 
-.PHONY: reproduce test lint pytest nbval lab notebooks clean
+.PHONY: reproduce test lint pytest nbval lab notebooks clean sysdeps
+
+# System packages the tests need, installed by `make sysdeps` (CI runs it first, as root):
+# bubblewrap isolates each graded exercise submission (ragbook/sandbox.py).
+DEBIAN_PACKAGES ?= bubblewrap
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +20,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
+
+sysdeps:                          ## apt-get install $(DEBIAN_PACKAGES) (Debian/Ubuntu, as root)
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "sysdeps: no apt-get here; install by hand: $(DEBIAN_PACKAGES) (the tests that need them say so)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "sysdeps: not root; run: sudo apt-get install -y $(DEBIAN_PACKAGES)"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	fi
 
 reproduce: $(VENV)/.installed   ## the course's main job, tiny preset, offline
 	$(BIN)/ragbook reproduce

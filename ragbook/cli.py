@@ -313,7 +313,7 @@ def cmd_exercises(args: argparse.Namespace) -> int:
     def interrupted(signum, frame):  # `kill`, `timeout`, a scheduler: stop as Ctrl-C does
         raise KeyboardInterrupt
 
-    # the running gradings are killed on the way out (exercises._pool), not left orphaned
+    # the running sandboxes are killed on the way out (exercises._pool), not left orphaned
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         return _exercises(args, exercises)
@@ -332,14 +332,26 @@ def _exercises(args: argparse.Namespace, exercises) -> int:
                   f"{exercises.EXERCISES / 'student'}")
             return 0
         rows = exercises.grade(args.submissions, args.autograders, args.out, args.timeout,
-                               jobs=args.jobs)
+                               jobs=args.jobs, seed=args.seed,
+                               require_sandbox=args.require_sandbox,
+                               student_from=args.student_from)
     except exercises.ExerciseError as e:
         raise data.DataError(str(e)) from None
+    off = set()
     for r in rows:
         if r.question == "total":
             why = f"  ({r.reason})" if r.reason else ""
-            print(f"{r.points:g}/{r.max_points:g}  {r.submission}{why}")
-    print(f"{args.out} and {Path(args.out).with_suffix('.json')}")
+            flag = f"  FLAGGED: {r.flag}" if r.flag else ""
+            print(f"{r.points:g}/{r.max_points:g}  {r.submission}{why}{flag}")
+            off |= set(filter(None, r.protections_off.split(", ")))
+    if off:
+        print(f"warning: graded without {', '.join(sorted(off))} (install bubblewrap: "
+              "`make sysdeps`; --require-sandbox refuses to grade without)", file=sys.stderr)
+    out = Path(args.out)
+    print(f"scores: {out} and {out.with_suffix('.json')}; gradebook: "
+          f"{out.with_name(out.stem + '-gradebook.csv')} (Canvas), "
+          f"{out.with_name(out.stem + '-gradescope.csv')} (Gradescope); feedback: "
+          f"{out.with_name(out.stem + '-feedback')}/ (seed {args.seed})")
     return 0
 
 
@@ -568,10 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_exercises, on_interrupt="autograders already built stay")
     p = actions.add_parser(
         "grade", help="grade submitted notebooks",
-        description="Grade notebooks (files, or directories of *.ipynb); each is graded in its "
-        "own process and temporary directory, offline, with a time limit. The assignment comes "
-        "from the notebook's metadata. Writes one row per submission and question (points, max "
-        "points, reason) plus a total, to --out (CSV) and the same as JSON beside it.")
+        description="Grade notebooks (files, or directories of *.ipynb); each runs in a sandbox "
+        "(bubblewrap: no network, its own view of the files, limits, its processes killed at "
+        "the end) and only computes; the grader draws the hidden inputs (from --seed and the "
+        "file) and compares with its own reference. The assignment comes from the notebook's "
+        "metadata. Writes one row per submission and question (points, max points, reason, "
+        "integrity flags, seed) plus a total to --out (CSV) and as JSON beside it, a wide "
+        "gradebook for Canvas and one for Gradescope, and a feedback file per student.")
     p.add_argument("submissions", nargs="+", help="notebooks or directories of them")
     p.add_argument("--out", required=True, help="the CSV to write (e.g. scores.csv)")
     p.add_argument("--autograders", default="exercises/dist",
@@ -581,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=count, default=1,
                    help="submissions graded at once, each in its own process (default 1; at "
                    "most one per CPU core helps)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed of the hidden inputs (default 0); each submission's own seed "
+                   "is drawn from it and its file, and recorded: the same seed grades alike")
+    p.add_argument("--require-sandbox", action="store_true",
+                   help="refuse to grade where bubblewrap cannot isolate the submissions")
+    p.add_argument("--student-from", choices=("file", "metadata"), default="file",
+                   help="the student's id: the file name up to its first '_' (default; "
+                   "Canvas's downloads), or the notebook's metadata.ragbook.student")
     p.set_defaults(func=cmd_exercises, on_interrupt="grades already written stay")
     return parser
 

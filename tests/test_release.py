@@ -235,9 +235,10 @@ def test_make_colab_touches_only_its_own_cells_and_a_second_run_nothing(tmp_path
     assert after.cells[2:] == nb.cells  # every other cell, outputs included, as it was
     written = path.read_bytes()
     assert not colab.update(path) and path.read_bytes() == written
-    # an exercise notebook that grades itself also installs the autograder
+    # an exercise notebook that grades itself also installs the autograder, at its pinned version
     nb.cells.append(nbformat.v4.new_code_cell("import otter\ngrader = otter.Notebook()"))
-    assert '"otter-grader>=6"]' in colab.generated_cells(nb, "exercises/student/x.ipynb")[1].source
+    setup = colab.generated_cells(nb, "exercises/student/x.ipynb")[1].source
+    assert '"otter-grader==7.0.0"]' in setup
 
 
 # ----------------------------------------------------------------------- the device
