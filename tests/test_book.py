@@ -206,3 +206,19 @@ def test_the_search_finds_marginalization(browser, server):
     assert hits, "no search result"
     assert not outside and not errors, (outside, errors)
     page.close()
+
+
+def test_the_readme_is_a_front_door():
+    """At most 12 KB, and every `make TARGET` it gives is a target of the Makefile."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024
+    targets = set(re.findall(r"^([a-z][\w.-]*):", (ROOT / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"\bmake ((?:[a-z]+ ?)+)", readme))
+    assert named, "the README gives no make command"
+    for command in named:
+        for target in command.split():
+            assert target in targets, f"README: `make {command.strip()}`: no target {target!r}"
+    for chapter in re.findall(r"\]\(((?:docs|benchmarks|exercises|notebooks)/[^)#]+)", readme):
+        assert (ROOT / chapter).is_file(), chapter
