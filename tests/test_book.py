@@ -148,6 +148,9 @@ def browser(server):
 def _open(browser, server, path):
     """Open a page; return it with what it asked for off the machine and what it logged."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # generous: on a loaded 2-core machine a page with MathJax took over 30 s to load
+    page.set_default_timeout(180_000)
+    page.set_default_navigation_timeout(180_000)
     outside, errors = [], []
 
     def route(r):
