@@ -1,15 +1,18 @@
 # ragbook: the two commands a newcomer needs are `make reproduce` and `make test`.
 # Each creates .venv (Python >= 3.10) and installs ragbook into it on first use.
+# `make sysdeps` installs the system packages the tests use (Debian, as root); CI runs
+# `make sysdeps test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export RAGBOOK_CACHE ?= $(CURDIR)/.cache/ragbook
 
-.PHONY: reproduce test lint pytest nbval lab notebooks clean sysdeps
+.PHONY: reproduce test lint pytest nbval lab notebooks clean sysdeps book
 
-# System packages the tests need, installed by `make sysdeps` (CI runs it first, as root):
-# bubblewrap isolates each graded exercise submission (ragbook/sandbox.py).
-DEBIAN_PACKAGES ?= bubblewrap
+# System packages the tests need (Debian names), installed by `make sysdeps` (CI runs it first,
+# as root): bubblewrap isolates each graded exercise submission (ragbook/sandbox.py); chromium is
+# the headless browser that tests/test_book.py reads the book with.
+DEBIAN_PACKAGES ?= bubblewrap chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +21,7 @@ $(BIN)/python:
 # The CPU build of PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,book]"
 	touch $@
 
 sysdeps:                          ## apt-get install $(DEBIAN_PACKAGES) (Debian/Ubuntu, as root)
@@ -54,6 +57,12 @@ notebooks: $(VENV)/.installed    ## re-execute every notebook in place (refreshe
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# The course as a static site, offline: notebooks from their committed outputs (never executed),
+# guides, results, the API reference; MathJax served from the site. Open build/book/_build/html/index.html.
+BOOK := $(BIN)/jupyter-book build . --config docs/_config.yml --toc docs/_toc.yml --path-output build/book
+book: $(VENV)/.installed
+	$(BOOK) -W --keep-going
 
 .PHONY: colab dist
 

@@ -18,7 +18,8 @@ def names(requirements):
 
 def test_environment_yml_lists_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = names(project["dependencies"]) | names(project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    wanted = names(project["dependencies"]) | names(extras["dev"]) | names(extras["book"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     listed = set()
     for dep in env["dependencies"]:
