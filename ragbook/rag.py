@@ -40,7 +40,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 from transformers.modeling_outputs import BaseModelOutput
 
 from .config import Preset
@@ -239,20 +245,20 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     all_beams = torch.arange(beams, device=device)
 
     def rows_of(groups: Tensor, beam: Tensor) -> Tensor:
-        """Batch rows of (group, beam, document), in that order, for each group's beams."""
-        return ((groups.view(-1, 1, 1) * beams + beam.unsqueeze(-1)) * n_rows
+        """Batch rows of (group, beam, document), in that order, for each group's beams, in
+        the batch of ``width`` beams a group."""
+        return ((groups.view(-1, 1, 1) * width + beam.unsqueeze(-1)) * n_rows
                 + torch.arange(n_rows, device=device)).view(-1)
 
-    active = torch.arange(n_groups, device=device)  # the groups still searching
-    documents = torch.arange(n_groups * n_rows, device=device).view(n_groups, 1, n_rows)
-    documents = documents.expand(n_groups, beams, n_rows).reshape(-1)  # each row's encoder row
-    hidden, mask = encoder_hidden[documents], encoder_mask[documents]
+    # The first step runs each group's rows once: every beam starts from the same start token,
+    # and the beams (and their copies of the cross-attention cache) are born from its choices.
+    active, width = torch.arange(n_groups, device=device), 1  # groups searching, beams in batch
+    hidden, mask = encoder_hidden, encoder_mask
     log_weights = log_prior.float()
     weights = log_weights.exp()[:, None, None, :]  # p(r), shaped to weigh (groups, beams, R, V)
-    tokens = torch.full((n_groups, beams, 1), cfg.decoder_start_token_id, device=device)
-    history = torch.zeros((n_groups, beams, 0, n_rows), device=device)  # row log-probs so far
-    scores = torch.full((n_groups, beams), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # identical start beams: expand only the first
+    tokens = torch.full((n_groups, 1, 1), cfg.decoder_start_token_id, device=device)
+    history = torch.zeros((n_groups, 1, 0, n_rows), device=device)  # row log-probs so far
+    scores = torch.zeros((n_groups, 1), device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(n_groups)]
     keyword = _cache_keyword(model)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # self-, cross-attention
@@ -263,12 +269,12 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
         cache = getattr(out, keyword)
         # log p_θ(y | r, y_<i) for every row r and token y: (groups, beams, R, V)
         row_logprobs = out.logits[:, -1].float().log_softmax(-1)
-        row_logprobs = row_logprobs.view(len(active), beams, n_rows, -1)
+        row_logprobs = row_logprobs.view(len(active), width, n_rows, -1)
         end_logprobs = row_logprobs[..., eos]
         vocab = row_logprobs.shape[-1]
         last = step == max_length - 1
         if last:  # the answer ends here, with the end token, as a cut training target does
-            logprobs = row_logprobs.new_full((len(active), beams, vocab), float("-inf"))
+            logprobs = row_logprobs.new_full((len(active), width, vocab), float("-inf"))
             logprobs[..., eos] = torch.logsumexp(end_logprobs + log_weights[active, None], -1)
         elif n_rows == 1:  # the generator alone
             logprobs = row_logprobs[:, :, 0]
@@ -285,7 +291,7 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
                 if y != eos:
                     if len(kept) < beams:
                         kept.append((b, y, s))
-                elif rank < beams and s > float("-inf"):  # −inf: a beam that never lived
+                elif rank < beams and s > float("-inf"):  # −inf: no probability at all
                     finished[g].append(Hypothesis(
                         tokens[a, b, 1:].tolist() + [y], s,
                         torch.cat([history[a, b], end_logprobs[a, b, None]])))
@@ -306,16 +312,16 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
         scores = torch.tensor([[s for _, _, s in kept] for kept in keep], device=device)
         # Beams move within their group and keep their document: the self-attention cache
         # follows the surviving beams (nothing moves in greedy decoding while every group
-        # searches on); the cross-attention cache and the encoder states only lose the rows of
-        # groups that have finished.
+        # searches on); the cross-attention cache and the encoder states are copied once per
+        # beam after the first step, and later only lose the rows of groups that have finished.
         order = rows_of(going, keep_beam)
         if not torch.equal(order, torch.arange(len(order), device=device)):
             cache.self_attention_cache.reorder_cache(order)
-        if len(going) < len(active):
-            still = rows_of(going, all_beams.expand(len(going), beams))
+        if width < beams or len(going) < len(active):
+            still = rows_of(going, all_beams.clamp(max=width - 1).expand(len(going), beams))
             cache.cross_attention_cache.reorder_cache(still)
             hidden, mask = hidden[still], mask[still]
-        active = active[going]
+        active, width = active[going], beams
     return [sorted(f, key=lambda h: -h.score)[:beams] for f in finished]
 
 
@@ -427,6 +433,46 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
 
 # ---------------------------------------------------------------------------------------------
 # The peer
+
+
+class EndAtMaxLength(LogitsProcessor):
+    """ragbook's rule for an answer that reaches ``max_length`` tokens, for transformers'
+    ``generate``: its last token can only be the end token, scored by its own log-probability.
+
+    transformers' own ``forced_eos_token_id`` makes the end token certain there (log 1), so its
+    beam search would keep the answer cut at the limit that Eq. 2 finds less likely. In beam
+    search the processors see log-probabilities; in greedy search any score of the one allowed
+    token wins.
+    """
+
+    def __init__(self, max_length: int, eos_token_id: int):
+        self.max_length, self.eos_token_id = max_length, eos_token_id
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[-1] < self.max_length:  # the decoder start token and y_<max_length
+            return scores
+        ended = torch.full_like(scores, float("-inf"))
+        ended[:, self.eos_token_id] = scores[:, self.eos_token_id]
+        return ended
+
+
+def transformers_search(num_beams: int, max_length: int, eos_token_id: int) -> dict:
+    """Keyword arguments that make transformers' ``generate`` run ragbook's search.
+
+    ragbook's beam search scores a hypothesis by its total log-probability (no length
+    normalisation: ``length_penalty=0.0``), stops a question only when no live beam can beat its
+    finished ones (``early_stopping="never"``), counts ``max_length`` without the decoder start
+    token (transformers counts it: + 1) and ends an answer cut there as :class:`EndAtMaxLength`
+    does. A loud stop: the flags are validated strictly, so a transformers version that would
+    ignore one of them (it warns "not valid and may be ignored") raises here instead.
+    """
+    flags = {"num_beams": num_beams, "do_sample": False, "max_length": max_length + 1,
+             "forced_eos_token_id": None}
+    if num_beams > 1:  # beam-only flags: greedy search has no length penalty to switch off
+        flags |= {"length_penalty": 0.0, "early_stopping": "never"}
+    GenerationConfig(**flags).validate(strict=True)
+    processors = LogitsProcessorList([EndAtMaxLength(max_length, eos_token_id)])
+    return {**flags, "logits_processor": processors}
 
 
 def transformers_rag(generator, n_docs: int, marginalization: str = "sequence"):
