@@ -27,7 +27,8 @@ answer's tokens with its end token, as ``generator.encode_targets`` counts a tra
 an answer that reaches it ends there with the end token, scored by its own probability — so every
 answer is a target that training could have scored. (transformers' ``generate`` forces the end
 token too when the generator's config sets ``forced_eos_token_id``, as BART's does, but adds
-nothing for it to the beam score.)
+nothing for it to the beam score: :func:`transformers_search` configures the peer to run this
+very search instead.)
 """
 
 from __future__ import annotations
@@ -211,9 +212,10 @@ def _cache_keyword(model) -> str:
 
 
 class Hypothesis(NamedTuple):
-    """A finished answer of :func:`_beam_search`: y_1 … y_T (the last one the end token), its
-    score log Σ-marginal probability, and ``row_logprobs`` (T, R): log p_θ(y_i | r, y_<i) of every
-    token under each of its group's R encoder rows, recorded as the search chose the token."""
+    """A finished answer of :func:`_beam_search`: ``token_ids`` y_1 … y_T (the last one the end
+    token), ``score`` Σ_i log Σ_r p(r) p_θ(y_i | r, y_<i), and ``row_logprobs`` (T, R), the
+    log p_θ(y_i | r, y_<i) of every token under each of its group's R rows, recorded as the
+    search chose the token (RAG-Token's score and provenance need no second pass)."""
 
     token_ids: list[int]
     score: float
