@@ -316,8 +316,8 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
         # follows the surviving beams (nothing moves in greedy decoding while every group
         # searches on); the cross-attention cache and the encoder states are copied once per
         # beam after the first step, and later only lose the rows of groups that have finished.
-        order = rows_of(going, keep_beam)
-        if not torch.equal(order, torch.arange(len(order), device=device)):
+        order = rows_of(going, keep_beam)  # compared with the rows in the batch now
+        if not torch.equal(order, torch.arange(len(active) * width * n_rows, device=device)):
             cache.self_attention_cache.reorder_cache(order)
         if width < beams or len(going) < len(active):
             still = rows_of(going, all_beams.clamp(max=width - 1).expand(len(going), beams))

@@ -413,3 +413,17 @@ def test_the_cache_keyword_is_the_one_the_generator_takes():
         new, old = (decode(model, IdsTokenizer(), ids, mask, EQUAL, num_beams=2)[0]
                     for model in (FirstTokenGenerator(TABLE), OldCacheKeyword(TABLE)))
         assert new.token_ids == old.token_ids and new.score == pytest.approx(old.score)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_batch_decodes_as_its_questions_alone(bart, beams):
+    """Questions leave the batch as they finish: every question gets the answer it gets
+    alone."""
+    ids, mask, scores = bart_inputs(4, 3, seed=2)
+    alone = [rag.rag_token_generate(bart, IdsTokenizer(), ids[3 * q:3 * q + 3],
+                                    mask[3 * q:3 * q + 3], scores[q:q + 1], num_beams=beams,
+                                    max_length=6)[0].token_ids for q in range(4)]
+    batch = rag.rag_token_generate(bart, IdsTokenizer(), ids, mask, scores, num_beams=beams,
+                                   max_length=6)
+    assert [a.token_ids for a in batch] == alone
+    assert len({len(y) for y in alone}) > 1  # they finish at different steps
