@@ -8,14 +8,19 @@ Measured side by side in one run, on the same generator object and the same inpu
    fast). Both run the same generator; rounds are interleaved so both see the same machine
    load, and the ratio is the median of the per-round ratios.
 2. decoding: RAG-Sequence Fast vs Thorough (time, how often they give the same answer) and
-   RAG-Token beam search, each next to transformers' ``generate`` where it has one
-   (``RagSequenceForGeneration.generate`` is Thorough only; ``RagTokenForGeneration.generate``).
+   RAG-Token greedy or beam search, each next to transformers' ``generate`` where it has one
+   (``RagSequenceForGeneration.generate`` is Thorough only; ``RagTokenForGeneration.generate``),
+   which runs ragbook's search (``rag.transformers_search``) — checked, see ``bench_decoding``.
+   Time is wall-clock and process CPU time, the ratio the median of the per-round ratios.
 
 The generator is the shipped tiny BART when ``ragbook/weights/tiny-bart`` exists, with real
 inputs — each entity-QA dev question with its own article's passage and k−1 others, the right
 one scored highest — and otherwise a random BART of the tiny preset's size on random tokens.
 
     nice -n 5 python benchmarks/bench_rag.py --out bench_rag.json
+    # the course's setting: a fine-tuned generator, greedy, RAG-Token only
+    nice -n 5 python benchmarks/bench_rag.py --parts decoding --finetune-steps 60 \
+        --num-beams 1 --max-length 16 --families token
 
 Timings depend on the machine and on its load: compare rows of the same run only.
 """
@@ -24,13 +29,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
 import random
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import transformers
 from transformers import BartConfig, BartForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from ragbook import rag
 from ragbook.config import get_preset
@@ -57,8 +68,8 @@ def load_or_random_generator():
     return BartForConditionalGeneration(config), None, "random BART of the tiny preset's size"
 
 
-def real_inputs(tokenizer, n: int, k: int, preset, seed: int = 0):
-    """n entity-QA dev questions, each with its article's first passage and k−1 random ones."""
+def real_inputs(tokenizer, n: int, k: int, preset, seed: int = 0, split: str = "dev"):
+    """n entity-QA questions, each with its article's first passage and k−1 random ones."""
     from ragbook import data
 
     rng = random.Random(seed)
@@ -66,7 +77,7 @@ def real_inputs(tokenizer, n: int, k: int, preset, seed: int = 0):
     first = {}
     for p in corpus:
         first.setdefault(p.title, p)
-    examples = [e for e in data.load_task("entity-qa", "dev") if e.article in first][:n]
+    examples = [e for e in data.load_task("entity-qa", split) if e.article in first][:n]
     passages, questions, scores = [], [], []
     for e in examples:
         docs = [first[e.article]] + rng.sample(corpus, k - 1)
@@ -147,15 +158,32 @@ def bench_training(generator, hf_models, ids, mask, scores, tgt, rounds: int) ->
     return out
 
 
+class PeerWarnings(logging.Handler):
+    """Collects what transformers logs while the peer decodes: its "generation flags are not
+    valid and may be ignored" means the peer would not run the search asked of it."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def bench_decoding(generator, tokenizer, hf_models, ids, mask, scores, num_beams: int,
-                   max_length: int, chunk: int) -> dict:
+                   max_length: int, chunk: int, rounds: int, families: list[str]) -> dict:
+    """Decode every question with ragbook's and transformers' decoders, chunk by chunk, all
+    decoders interleaved within a chunk (so all see the same machine load), ``rounds`` times.
+
+    The peer runs ragbook's search (``rag.transformers_search``: its flags strictly validated),
+    and the run checks that it did: transformers must log no ignored flag, and with beams, on
+    the first chunk (untimed) its beam score of each answer both give must be ragbook's Eq. 2
+    log p(y|x). Without that check passing, no agreement is reported.
+    """
     tok = tokenizer or IdsTokenizer()
     k, n = scores.shape[1], scores.shape[0]
     eos = generator.config.eos_token_id
-    # transformers' canonical beam search, counting the start token; like ragbook's decoders,
-    # an answer that reaches the length limit ends with the end token there
-    flags = {"num_beams": num_beams, "max_length": max_length + 1, "length_penalty": 0.0,
-             "early_stopping": "never", "forced_eos_token_id": eos}
+    search = rag.transformers_search(num_beams, max_length, eos)
     kw = {"num_beams": num_beams, "max_length": max_length}
 
     def ours(fn, **extra):
@@ -164,82 +192,175 @@ def bench_decoding(generator, tokenizer, hf_models, ids, mask, scores, num_beams
     def theirs(model):
         def run(i, m, s):
             rows = model.generate(context_input_ids=i, context_attention_mask=m, doc_scores=s,
-                                  **flags)
+                                  **search)
             return [y[: y.index(eos) + 1] if eos in y else y
                     for y in (r[1:] for r in rows.tolist())]
         return run
 
-    decoders = {
-        "rag-sequence fast": ours(rag.rag_sequence_generate, method="fast"),
-        "rag-sequence thorough": ours(rag.rag_sequence_generate, method="thorough"),
-        "rag-token": ours(rag.rag_token_generate),
-        "transformers rag-sequence": theirs(hf_models[0]),
-        "transformers rag-token": theirs(hf_models[1]),
-    }
+    decoders = {}
+    if "sequence" in families:
+        decoders |= {"rag-sequence fast": ours(rag.rag_sequence_generate, method="fast"),
+                     "rag-sequence thorough": ours(rag.rag_sequence_generate, method="thorough"),
+                     "transformers rag-sequence": theirs(hf_models[0])}
+    if "token" in families:
+        decoders |= {"rag-token": ours(rag.rag_token_generate),
+                     "transformers rag-token": theirs(hf_models[1])}
+    warnings = PeerWarnings()
+    hf_logging.get_logger().addHandler(warnings)
+
+    score_gap = None  # the same search: the peer's beam score is ragbook's Eq. 2 score
+    if "token" in families and num_beams > 1:
+        rows, qs = slice(0, chunk * k), slice(0, chunk)
+        out = hf_models[1].generate(context_input_ids=ids[rows], context_attention_mask=mask[rows],
+                                    doc_scores=scores[qs], return_dict_in_generate=True,
+                                    output_scores=True, **search)
+        answers = rag.rag_token_generate(generator, tok, ids[rows], mask[rows], scores[qs], **kw)
+        same = [a.token_ids == y for a, y in zip(answers, theirs(hf_models[1])(
+            ids[rows], mask[rows], scores[qs]))]
+        gaps = [abs(a.score - s) for a, s, e in zip(answers, out.sequences_scores.tolist(), same)
+                if e]
+        score_gap = max(gaps) if gaps else float("inf")
+
+    for fn in decoders.values():  # warm-up, untimed: first calls pay for lazy set-up
+        fn(ids[:k], mask[:k], scores[:1])
     results = {name: [] for name in decoders}
-    times = dict.fromkeys(decoders, 0.0)
-    for s in range(0, n, chunk):  # interleaved chunk by chunk: all see the same machine load
-        rows = slice(s * k, (s + chunk) * k)
-        for name, fn in decoders.items():
-            t0 = time.perf_counter()
-            results[name] += fn(ids[rows], mask[rows], scores[s:s + chunk])
-            times[name] += time.perf_counter() - t0
-        print(f"decoded {min(s + chunk, n)}/{n} questions", flush=True)
-    for name, t in times.items():
-        print(f"decode {name:28s} {t:7.2f}s for {n} questions", flush=True)
+    wall = {name: [0.0] * rounds for name in decoders}
+    cpu = {name: [0.0] * rounds for name in decoders}
+    for r in range(rounds):
+        for s in range(0, n, chunk):
+            rows = slice(s * k, (s + chunk) * k)
+            for name, fn in decoders.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                answers = fn(ids[rows], mask[rows], scores[s:s + chunk])
+                wall[name][r] += time.perf_counter() - t0
+                cpu[name][r] += time.process_time() - c0
+                if r == 0:
+                    results[name] += answers
+        print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {wall[name][r]:.2f}s" for name in decoders), flush=True)
+    hf_logging.get_logger().removeHandler(warnings)
+    ignored = [m for m in warnings.messages if "may be ignored" in m]
+    checked = not ignored and (score_gap is None or score_gap < 1e-3)
+    if not checked:
+        print(f"THE PEER DID NOT RUN THE SAME SEARCH (ignored flags: {ignored}, beam score gap "
+              f"{score_gap}): no answer agreement is reported", flush=True)
 
     def agree(a, b):
+        if a not in results or b not in results:
+            return None
         return sum(x == y for x, y in zip(results[a], results[b])) / n
 
+    def ratio(times, slow, fast):
+        if slow not in times or fast not in times:
+            return None
+        return statistics.median(times[slow][r] / times[fast][r] for r in range(rounds))
+
+    pairs = {"rag-token": ("transformers rag-token", "rag-token"),
+             "rag-sequence thorough": ("transformers rag-sequence", "rag-sequence thorough"),
+             "thorough over fast": ("rag-sequence thorough", "rag-sequence fast")}
     summary = {
-        "seconds": times,
-        "answer_lengths_mean": statistics.mean(len(y) for y in results["rag-token"]),
-        "fast_vs_thorough_agreement": agree("rag-sequence fast", "rag-sequence thorough"),
-        "thorough_over_fast_time": times["rag-sequence thorough"] / times["rag-sequence fast"],
-        "ragbook_vs_transformers_rag_token_agreement": agree("rag-token",
-                                                             "transformers rag-token"),
-        "transformers_over_ragbook_rag_token_time": (times["transformers rag-token"]
-                                                     / times["rag-token"]),
-        "transformers_rag_sequence_over_thorough_time": (times["transformers rag-sequence"]
-                                                         / times["rag-sequence thorough"]),
-        "thorough_vs_transformers_rag_sequence_agreement": agree(
-            "rag-sequence thorough", "transformers rag-sequence"),
+        "seconds_wall_median": {name: statistics.median(t) for name, t in wall.items()},
+        "seconds_cpu_median": {name: statistics.median(t) for name, t in cpu.items()},
+        "ratio_wall_median_of_rounds": {p: ratio(wall, *ab) for p, ab in pairs.items()},
+        "ratio_cpu_median_of_rounds": {p: ratio(cpu, *ab) for p, ab in pairs.items()},
+        "answer_lengths_mean": {name: statistics.mean(map(len, ys))
+                                for name, ys in results.items()},
+        "peer_search_checked": checked,
+        "peer_ignored_flags": ignored,
+        "peer_beam_score_gap": score_gap,
+        "agreement": {p: agree(*ab) if checked or p == "thorough over fast" else None
+                      for p, ab in pairs.items()},
         "note": "transformers' RAG-Sequence generate runs the generator with attention_mask=None,"
                 " so on padded inputs its answers may differ from Thorough's by design",
     }
-    print(json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("seconds")},
+                     indent=2), flush=True)
     return summary
+
+
+def finetune(generator, tokenizer, preset, k: int, steps: int, batch: int = 16) -> None:
+    """The course's setting: the shipped generator fine-tuned for entity QA with the RAG-Token
+    loss (Eq. 2), AdamW at lr 3e-4, batch 16 train questions, each with its own article's
+    passage among k — after a few dozen steps it answers with short titles that end."""
+    ids, mask, scores, tgt = real_inputs(tokenizer, steps * batch, k, preset, split="train")
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=3e-4)
+    generator.train()
+    for step in range(steps):
+        rows, qs = slice(step * batch * k, (step + 1) * batch * k), slice(step * batch,
+                                                                        (step + 1) * batch)
+        loss = rag.rag_token_loss(token_logprobs(generator, ids[rows], mask[rows],
+                                                 tgt["labels"][qs]),
+                                  tgt["target_mask"][qs], scores[qs]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"fine-tuned {steps} steps, last loss {loss.item():.2f}", flush=True)
+    generator.eval()
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the matrix extensions that decide bf16/fp32 speed."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return platform.processor() or platform.machine()
+    text = info.read_text()
+    name = re.search(r"model name\s*:\s*(.*)", text)
+    flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())
+    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name.group(1) if name else platform.machine()} ({', '.join(extras) or 'no bf16'})"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["training", "decoding"],
+                        choices=["training", "decoding"])
     parser.add_argument("--questions", type=int, default=16, help="training batch (questions)")
     parser.add_argument("--n-docs", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="training-step rounds")
     parser.add_argument("--decode-questions", type=int, default=64)
+    parser.add_argument("--decode-rounds", type=int, default=3)
+    parser.add_argument("--families", nargs="+", default=["token", "sequence"],
+                        choices=["token", "sequence"], help="decoders to time")
     parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="answer tokens with the end token (default: the preset's)")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="fine-tune the shipped generator first (the course's setting)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = get_preset("tiny")
+    max_length = args.max_length or preset.max_target_length
+    load_before = os.getloadavg()
     generator, tokenizer, which = load_or_random_generator()
-    print(f"generator: {which}; k = {args.n_docs}; torch threads {args.threads}", flush=True)
+    print(f"generator: {which}; k = {args.n_docs}; torch threads {args.threads}; "
+          f"transformers {transformers.__version__}; {cpu_name()}", flush=True)
     hf_models = (rag.transformers_rag(generator, args.n_docs, "sequence"),
                  rag.transformers_rag(generator, args.n_docs, "token"))
     make = ((lambda n: real_inputs(tokenizer, n, args.n_docs, preset)) if tokenizer else
             (lambda n: random_inputs(generator.config, n, args.n_docs, preset)))
 
-    ids, mask, scores, tgt = make(args.questions)
-    training = bench_training(generator, hf_models, ids, mask, scores, tgt, args.rounds)
-    ids, mask, scores, _ = make(args.decode_questions)
-    decoding = bench_decoding(generator, tokenizer, hf_models, ids, mask, scores,
-                              args.num_beams, preset.max_target_length, chunk=16)
-    report = {"generator": which, "machine": platform.processor() or platform.machine(),
-              "torch_threads": args.threads, "questions": args.questions,
-              "n_docs": args.n_docs, "source_length": int(mask.sum(1).max()),
-              "num_beams": args.num_beams, "max_length": preset.max_target_length,
-              "training": training, "decoding": decoding}
+    report = {"generator": which, "cpu": cpu_name(), "transformers": transformers.__version__,
+              "torch": torch.__version__, "torch_threads": args.threads,
+              "n_docs": args.n_docs}
+    if "training" in args.parts:
+        ids, mask, scores, tgt = make(args.questions)
+        report["training"] = bench_training(generator, hf_models, ids, mask, scores, tgt,
+                                            args.rounds)
+    if "decoding" in args.parts:
+        if args.finetune_steps:
+            if tokenizer is None:
+                raise SystemExit("--finetune-steps needs the shipped generator")
+            finetune(generator, tokenizer, preset, args.n_docs, args.finetune_steps)
+            report["generator"] += f", fine-tuned {args.finetune_steps} steps of Eq. 2"
+        ids, mask, scores, _ = make(args.decode_questions)
+        report["decoding"] = bench_decoding(
+            generator, tokenizer, hf_models, ids, mask, scores, args.num_beams, max_length,
+            chunk=16, rounds=args.decode_rounds, families=args.families)
+        report |= {"decode_questions": args.decode_questions, "num_beams": args.num_beams,
+                   "max_length": max_length, "source_length": int(mask.sum(1).max())}
+    report["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

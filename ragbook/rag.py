@@ -27,7 +27,8 @@ answer's tokens with its end token, as ``generator.encode_targets`` counts a tra
 an answer that reaches it ends there with the end token, scored by its own probability — so every
 answer is a target that training could have scored. (transformers' ``generate`` forces the end
 token too when the generator's config sets ``forced_eos_token_id``, as BART's does, but adds
-nothing for it to the beam score.)
+nothing for it to the beam score: :func:`transformers_search` configures the peer to run this
+very search instead.)
 """
 
 from __future__ import annotations
@@ -35,10 +36,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, EncoderDecoderCache
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 from transformers.modeling_outputs import BaseModelOutput
 
 from .config import Preset
@@ -202,13 +211,25 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class Hypothesis(NamedTuple):
+    """A finished answer of :func:`_beam_search`: ``token_ids`` y_1 … y_T (the last one the end
+    token), ``score`` Σ_i log Σ_r p(r) p_θ(y_i | r, y_<i), and ``row_logprobs`` (T, R), the
+    log p_θ(y_i | r, y_<i) of every token under each of its group's R rows, recorded as the
+    search chose the token (RAG-Token's score and provenance need no second pass)."""
+
+    token_ids: list[int]
+    score: float
+    row_logprobs: Tensor
+
+
 def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior: Tensor,
-                 num_beams: int, max_length: int) -> list[list[tuple[list[int], float]]]:
+                 num_beams: int, max_length: int) -> list[list[Hypothesis]]:
     """Beam search for G independent groups, each over log Σ_r p(r) p_θ(y_i | r, y_<i).
 
     Group g owns the R consecutive encoder rows g·R … g·R+R−1 with log-weights ``log_prior[g]``
-    (G, R). RAG-Token: a group is a question and its rows are its k documents. RAG-Sequence: a
-    group is one (question, document) pair, R = 1, log-weight 0 — the generator alone.
+    (G, R). RAG-Token: a group is a question and its rows are its k documents, and the sum is
+    Eq. 2's marginal over documents. RAG-Sequence: a group is one (question, document) pair,
+    R = 1, log-weight 0 — the generator alone.
 
     Canonical beam search with total log-probabilities: each step expands the ``num_beams``
     live hypotheses, keeps the best 2·num_beams continuations, moves those ending with the end
@@ -216,44 +237,51 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     num_beams others. The ``max_length``-th token can only be the end token. A group
     stops once its num_beams finished hypotheses all score at least its best live one (log
     probabilities only fall as a hypothesis grows), and leaves the batch. Returns, per group,
-    up to num_beams ``(token_ids, log p)`` best first.
+    up to num_beams hypotheses, best first.
     """
     if num_beams < 1 or max_length < 1:
         raise ValueError(f"need num_beams ≥ 1 and max_length ≥ 1, got {num_beams}, {max_length}")
     n_groups, n_rows = log_prior.shape
     beams, cfg, device = num_beams, model.config, encoder_hidden.device
+    eos = cfg.eos_token_id
     all_beams = torch.arange(beams, device=device)
 
     def rows_of(groups: Tensor, beam: Tensor) -> Tensor:
-        """Batch rows of (group, beam, document), in that order, for each group's beams."""
-        return ((groups.view(-1, 1, 1) * beams + beam.unsqueeze(-1)) * n_rows
+        """Batch rows of (group, beam, document), in that order, for each group's beams, in
+        the batch of ``width`` beams a group."""
+        return ((groups.view(-1, 1, 1) * width + beam.unsqueeze(-1)) * n_rows
                 + torch.arange(n_rows, device=device)).view(-1)
 
-    active = torch.arange(n_groups, device=device)  # the groups still searching
-    documents = torch.arange(n_groups * n_rows, device=device).view(n_groups, 1, n_rows)
-    documents = documents.expand(n_groups, beams, n_rows).reshape(-1)  # each row's encoder row
-    hidden, mask = encoder_hidden[documents], encoder_mask[documents]
-    weights = log_prior.float()[:, None, :, None]
-    tokens = torch.full((n_groups, beams, 1), cfg.decoder_start_token_id, device=device)
-    scores = torch.full((n_groups, beams), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # identical start beams: expand only the first
-    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(n_groups)]
+    # The first step runs each group's rows once: every beam starts from the same start token,
+    # and the beams (and their copies of the cross-attention cache) are born from its choices.
+    active, width = torch.arange(n_groups, device=device), 1  # groups searching, beams in batch
+    hidden, mask = encoder_hidden, encoder_mask
+    log_weights = log_prior.float()
+    weights = log_weights.exp()[:, None, None, :]  # p(r), shaped to weigh (groups, beams, R, V)
+    tokens = torch.full((n_groups, 1, 1), cfg.decoder_start_token_id, device=device)
+    history = torch.zeros((n_groups, 1, 0, n_rows), device=device)  # row log-probs so far
+    scores = torch.zeros((n_groups, 1), device=device)
+    finished: list[list[Hypothesis]] = [[] for _ in range(n_groups)]
     keyword = _cache_keyword(model)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # self-, cross-attention
     for step in range(max_length):
-        last = step == max_length - 1
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                     attention_mask=mask, use_cache=True, **{keyword: cache},
                     decoder_input_ids=tokens[:, :, -1].repeat_interleave(n_rows).view(-1, 1))
         cache = getattr(out, keyword)
-        logprobs = out.logits[:, -1].float().log_softmax(-1)
-        logprobs = logprobs.view(len(active), beams, n_rows, -1) + weights[active]
-        # (groups, beams, V): the marginal over the group's rows (one row is its own marginal)
-        logprobs = torch.logsumexp(logprobs, dim=2) if n_rows > 1 else logprobs[:, :, 0]
-        vocab = logprobs.shape[-1]
+        # log p_θ(y | r, y_<i) for every row r and token y: (groups, beams, R, V)
+        row_logprobs = out.logits[:, -1].float().log_softmax(-1)
+        row_logprobs = row_logprobs.view(len(active), width, n_rows, -1)
+        end_logprobs = row_logprobs[..., eos]
+        vocab = row_logprobs.shape[-1]
+        last = step == max_length - 1
         if last:  # the answer ends here, with the end token, as a cut training target does
-            logprobs = logprobs.masked_fill(
-                torch.arange(vocab, device=device) != cfg.eos_token_id, float("-inf"))
+            logprobs = row_logprobs.new_full((len(active), width, vocab), float("-inf"))
+            logprobs[..., eos] = torch.logsumexp(end_logprobs + log_weights[active, None], -1)
+        elif n_rows == 1:  # the generator alone
+            logprobs = row_logprobs[:, :, 0]
+        else:  # Σ_r p(r) p_θ(y | r, y_<i) for every y: one (1 × R)·(R × V) product per beam
+            logprobs = (weights[active] @ row_logprobs.exp()).squeeze(2).log()
         cand, index = (scores.unsqueeze(-1) + logprobs).view(len(active), -1).topk(2 * beams)
 
         keep, going = [], []  # the best continuations that did not end, (beam, token, score)
@@ -262,12 +290,14 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
             kept = []
             for rank, (s, i) in enumerate(zip(c_scores, c_index)):
                 b, y = divmod(i, vocab)
-                if y != cfg.eos_token_id:
+                if y != eos:
                     if len(kept) < beams:
                         kept.append((b, y, s))
-                elif rank < beams and s > float("-inf"):  # −inf: a beam that never lived
-                    finished[g].append((tokens[a, b, 1:].tolist() + [y], s))
-            best = sorted((s for _, s in finished[g]), reverse=True)[:beams]
+                elif rank < beams and s > float("-inf"):  # −inf: no probability at all
+                    finished[g].append(Hypothesis(
+                        tokens[a, b, 1:].tolist() + [y], s,
+                        torch.cat([history[a, b], end_logprobs[a, b, None]])))
+            best = sorted((h.score for h in finished[g]), reverse=True)[:beams]
             if not last and (len(best) < beams or kept[0][2] > best[-1]):
                 keep.append(kept)
                 going.append(a)
@@ -276,19 +306,25 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
         going = torch.tensor(going, device=device)
         keep_beam = torch.tensor([[b for b, _, _ in kept] for kept in keep], device=device)
         keep_token = torch.tensor([[y for _, y, _ in kept] for kept in keep], device=device)
-        tokens = torch.cat([tokens[going].gather(1, keep_beam.unsqueeze(-1).expand(
-            -1, -1, tokens.shape[-1])), keep_token.unsqueeze(-1)], dim=-1)
+        survivors = going[:, None], keep_beam
+        tokens = torch.cat([tokens[survivors], keep_token.unsqueeze(-1)], dim=-1)
+        history = torch.cat([history[survivors],
+                             row_logprobs[going[:, None], keep_beam, :, keep_token].unsqueeze(2)],
+                            dim=2)
         scores = torch.tensor([[s for _, _, s in kept] for kept in keep], device=device)
         # Beams move within their group and keep their document: the self-attention cache
-        # follows the surviving beams; the cross-attention cache and the encoder states only
-        # lose the rows of groups that have finished.
-        cache.self_attention_cache.reorder_cache(rows_of(going, keep_beam))
-        if len(going) < len(active):
-            still = rows_of(going, all_beams.expand(len(going), beams))
+        # follows the surviving beams (nothing moves in greedy decoding while every group
+        # searches on); the cross-attention cache and the encoder states are copied once per
+        # beam after the first step, and later only lose the rows of groups that have finished.
+        order = rows_of(going, keep_beam)  # compared with the rows in the batch now
+        if not torch.equal(order, torch.arange(len(active) * width * n_rows, device=device)):
+            cache.self_attention_cache.reorder_cache(order)
+        if width < beams or len(going) < len(active):
+            still = rows_of(going, all_beams.clamp(max=width - 1).expand(len(going), beams))
             cache.cross_attention_cache.reorder_cache(still)
             hidden, mask = hidden[still], mask[still]
-        active = active[going]
-    return [sorted(f, key=lambda h: -h[1])[:beams] for f in finished]
+        active, width = active[going], beams
+    return [sorted(f, key=lambda h: -h.score)[:beams] for f in finished]
 
 
 def _labels(hypotheses: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -318,22 +354,21 @@ def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tens
     device = getattr(model, "device", input_ids.device)
     input_ids, attention_mask, doc_scores = (
         t.to(device) for t in (input_ids, attention_mask, doc_scores))
-    batch, k = doc_scores.shape
     with _eval_mode(model):
         encoder_hidden = _encode(model, input_ids, attention_mask)
-        beams = _beam_search(model, encoder_hidden, attention_mask, log_prior(doc_scores),
-                             num_beams, max_length)
-        best = [group[0][0] for group in beams]
-        labels, target_mask = _labels(best, model.config.pad_token_id, input_ids.device)
-        logprobs = _score(model, encoder_hidden, attention_mask,
-                          torch.arange(batch * k, device=input_ids.device).view(batch, k), labels,
-                          target_mask)
-        scores = -rag_token_loss(logprobs, target_mask, doc_scores).cpu()
-        posterior = doc_posterior(logprobs, target_mask, doc_scores, per_token=True).cpu()
-    return [Answer(_text(tokenizer, y), scores[i].item(), y,
-                   doc_posterior=posterior[i, :, : len(y)].mean(-1),
-                   token_posterior=posterior[i, :, : len(y)])
-            for i, y in enumerate(best)]
+        best = [group[0] for group in _beam_search(
+            model, encoder_hidden, attention_mask, log_prior(doc_scores), num_beams, max_length)]
+    # Eq. 2 on each answer from the log p_θ(y_i | x, z, y_<i) the search recorded: (batch, k, T)
+    logprobs = pad_sequence([h.row_logprobs for h in best], batch_first=True).transpose(1, 2)
+    target_mask = pad_sequence([torch.ones(len(h.token_ids), dtype=torch.bool) for h in best],
+                               batch_first=True)
+    logprobs, doc_scores = logprobs.cpu(), doc_scores.detach().float().cpu()
+    scores = -rag_token_loss(logprobs, target_mask, doc_scores)
+    posterior = doc_posterior(logprobs, target_mask, doc_scores, per_token=True)
+    return [Answer(_text(tokenizer, h.token_ids), scores[i].item(), h.token_ids,
+                   doc_posterior=posterior[i, :, : len(h.token_ids)].mean(-1),
+                   token_posterior=posterior[i, :, : len(h.token_ids)])
+            for i, h in enumerate(best)]
 
 
 def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tensor,
@@ -370,8 +405,9 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
         for q in range(batch):
             found: dict[tuple[int, ...], Tensor] = {}
             for z in (z for z in range(k) if not absent[q][z]):
-                for y, s in per_doc[q * k + z]:
-                    found.setdefault(tuple(y), torch.full((k,), float("-inf")))[z] = s
+                for h in per_doc[q * k + z]:
+                    y = tuple(h.token_ids)
+                    found.setdefault(y, torch.full((k,), float("-inf")))[z] = h.score
             candidates.append([list(y) for y in found])
             beam_logprobs.append(torch.stack(list(found.values())))
 
@@ -399,6 +435,46 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
 
 # ---------------------------------------------------------------------------------------------
 # The peer
+
+
+class EndAtMaxLength(LogitsProcessor):
+    """ragbook's rule for an answer that reaches ``max_length`` tokens, for transformers'
+    ``generate``: its last token can only be the end token, scored by its own log-probability.
+
+    transformers' own ``forced_eos_token_id`` makes the end token certain there (log 1), so its
+    beam search would keep the answer cut at the limit that Eq. 2 finds less likely. In beam
+    search the processors see log-probabilities; in greedy search any score of the one allowed
+    token wins.
+    """
+
+    def __init__(self, max_length: int, eos_token_id: int):
+        self.max_length, self.eos_token_id = max_length, eos_token_id
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[-1] < self.max_length:  # the decoder start token and y_<max_length
+            return scores
+        ended = torch.full_like(scores, float("-inf"))
+        ended[:, self.eos_token_id] = scores[:, self.eos_token_id]
+        return ended
+
+
+def transformers_search(num_beams: int, max_length: int, eos_token_id: int) -> dict:
+    """Keyword arguments that make transformers' ``generate`` run ragbook's search.
+
+    ragbook's beam search scores a hypothesis by its total log-probability (no length
+    normalisation: ``length_penalty=0.0``), stops a question only when no live beam can beat its
+    finished ones (``early_stopping="never"``), counts ``max_length`` without the decoder start
+    token (transformers counts it: + 1) and ends an answer cut there as :class:`EndAtMaxLength`
+    does. A loud stop: the flags are validated strictly, so a transformers version that would
+    ignore one of them (it warns "not valid and may be ignored") raises here instead.
+    """
+    flags = {"num_beams": num_beams, "do_sample": False, "max_length": max_length + 1,
+             "forced_eos_token_id": None}
+    if num_beams > 1:  # beam-only flags: greedy search has no length penalty to switch off
+        flags |= {"length_penalty": 0.0, "early_stopping": "never"}
+    GenerationConfig(**flags).validate(strict=True)
+    processors = LogitsProcessorList([EndAtMaxLength(max_length, eos_token_id)])
+    return {**flags, "logits_processor": processors}
 
 
 def transformers_rag(generator, n_docs: int, marginalization: str = "sequence"):

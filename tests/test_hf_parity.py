@@ -7,12 +7,18 @@ target positions equal to ``pad_token_id``, as ragbook's ``target_mask`` does.
 """
 
 import math
+from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+import transformers
+import yaml
+from packaging.requirements import Requirement
 from transformers import (
     BartConfig,
     DPRConfig,
+    GenerationConfig,
     RagConfig,
     RagSequenceForGeneration,
     RagTokenForGeneration,
@@ -166,46 +172,53 @@ def rag_token_loglik(model, ids, mask, doc_scores, answers: list[list[int]]) -> 
                   labels=hf_labels, reduce_loss=False).loss
 
 
-@pytest.mark.parametrize("num_beams", [1, 2, 4])
-def test_rag_token_decoding_matches_transformers_generate(num_beams):
-    """Greedy (num_beams=1) and beam search over the marginal next-token distribution.
-
-    transformers' ``max_length`` counts the decoder start token; its generate ignores
-    ``max_new_tokens``. Its beam search is the canonical one (ragbook's: total log-probability,
-    no length normalisation) with ``length_penalty=0.0, early_stopping="never"``. Both end an
-    answer that reaches ``max_length`` with the end token (``forced_eos_token_id``), but
-    transformers' beam score counts that forced token as log 1, so among such answers it may
-    keep one that Eq. 2 finds less likely. Hence: the same answers wherever transformers'
-    ended by itself (and always for greedy decoding), and ragbook's never less likely under
-    transformers' own RAG-Token loss, which is exactly ragbook's score.
-    """
+def rag_token_case():
+    """A tiny RAG-Token whose answers end at varied lengths, some cut at ``max_length``."""
     model = build(RagTokenForGeneration, seed=3)
     model.generator.final_logits_bias[0, EOS] = 1.0  # answers of varied length
     ids, mask = contexts(4, seed=2)
     doc_scores = 2 * torch.randn(4, K, generator=torch.Generator().manual_seed(5))
+    return model, ids, mask, doc_scores
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 4])
+def test_rag_token_decoding_matches_transformers_generate(num_beams):
+    """Greedy (num_beams=1) and beam search over the marginal next-token distribution, the
+    same search on both sides (``rag.transformers_search``): the same answers, those cut at
+    ``max_length`` included, and transformers' beam score is ragbook's, which is exactly the
+    answer's log-likelihood under transformers' own RAG-Token loss (Eq. 2).
+    """
+    model, ids, mask, doc_scores = rag_token_case()
     max_length = 8
-    flags = {} if num_beams == 1 else {"length_penalty": 0.0, "early_stopping": "never"}
     theirs = model.generate(context_input_ids=ids, context_attention_mask=mask,
-                            doc_scores=doc_scores, num_beams=num_beams, forced_eos_token_id=EOS,
-                            max_length=max_length + 1, return_dict_in_generate=True,
-                            output_scores=True, **flags)
+                            doc_scores=doc_scores, return_dict_in_generate=True,
+                            output_scores=True,
+                            **rag.transformers_search(num_beams, max_length, EOS))
     ours = rag.rag_token_generate(model.generator, IdsTokenizer(), ids, mask, doc_scores,
                                   num_beams=num_beams, max_length=max_length)
-    mine, their_answers = [a.token_ids for a in ours], answers_of(theirs.sequences)
+    mine = [a.token_ids for a in ours]
     assert {len(y) == max_length for y in mine} == {True, False}  # some ended early, some not
-    assert all(y[-1] == EOS for y in mine + their_answers)
-    ended = [len(y) < max_length for y in their_answers]  # by itself, not forced
-    assert [y for y, e in zip(mine, ended) if e] == [y for y, e in zip(their_answers, ended) if e]
-    if num_beams == 1:
-        assert mine == their_answers
-    else:
-        torch.testing.assert_close(torch.tensor([a.score for a, e in zip(ours, ended) if e]),
-                                   theirs.sequences_scores[ended], rtol=1e-5, atol=1e-5)
-    ours_loglik = rag_token_loglik(model, ids, mask, doc_scores, mine)
-    torch.testing.assert_close(torch.tensor([a.score for a in ours]), ours_loglik,
+    assert all(y[-1] == EOS for y in mine)
+    assert mine == answers_of(theirs.sequences)
+    loglik = rag_token_loglik(model, ids, mask, doc_scores, mine)
+    torch.testing.assert_close(torch.tensor([a.score for a in ours]), loglik,
                                rtol=1e-5, atol=1e-5)
-    assert (ours_loglik >= rag_token_loglik(model, ids, mask, doc_scores, their_answers)
-            - 1e-5).all()
+    if num_beams > 1:
+        torch.testing.assert_close(theirs.sequences_scores, loglik, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("other", [{"length_penalty": 1.0},
+                                   {"forced_eos_token_id": EOS, "logits_processor": None}])
+def test_the_parity_case_tells_another_search_apart(other):
+    """The case above fails the parity test if the peer runs another search: transformers'
+    default length normalisation (``length_penalty=1.0``: score / length), or its own forced end
+    token, which counts log 1 at ``max_length``, changes the winner of at least one question."""
+    model, ids, mask, doc_scores = rag_token_case()
+    theirs = model.generate(context_input_ids=ids, context_attention_mask=mask,
+                            doc_scores=doc_scores, **rag.transformers_search(4, 8, EOS) | other)
+    ours = rag.rag_token_generate(model.generator, IdsTokenizer(), ids, mask, doc_scores,
+                                  num_beams=4, max_length=8)
+    assert [a.token_ids for a in ours] != answers_of(theirs)
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
@@ -216,9 +229,8 @@ def test_thorough_decoding_matches_transformers_rag_sequence_generate(num_beams)
     here are unpadded and of equal length. It scores the candidates with its own RAG-Sequence
     loss, whose prior sits at target position 1, and drops the first token's score when every
     candidate starts with BOS: no BOS and no early end (both biased away) keep every candidate
-    ``max_length`` tokens long, the last one the end token that both force there, where its
-    loss is Eq. 1. (Every beam reaches ``max_length``, so the forced end token, which
-    transformers' beam score counts as log 1, changes no beam's candidates.)
+    ``max_length`` tokens long, the last one the end token that both put there
+    (``rag.transformers_search``), where its loss is Eq. 1.
     """
     model = build(RagSequenceForGeneration, seed=4)
     model.generator.final_logits_bias[0, BOS] = -1e4
@@ -226,10 +238,9 @@ def test_thorough_decoding_matches_transformers_rag_sequence_generate(num_beams)
     ids, mask = contexts(3, padded=False, seed=6)
     doc_scores = torch.randn(3, K, generator=torch.Generator().manual_seed(7))
     max_length = 5
-    flags = {} if num_beams == 1 else {"length_penalty": 0.0, "early_stopping": "never"}
     theirs = model.generate(context_input_ids=ids, context_attention_mask=mask,
-                            doc_scores=doc_scores, num_beams=num_beams, forced_eos_token_id=EOS,
-                            max_length=max_length + 1, **flags)
+                            doc_scores=doc_scores,
+                            **rag.transformers_search(num_beams, max_length, EOS))
     ours = rag.rag_sequence_generate(model.generator, IdsTokenizer(), ids, mask, doc_scores,
                                      num_beams=num_beams, max_length=max_length)
     assert [a.token_ids for a in ours] == answers_of(theirs)
@@ -256,3 +267,31 @@ def test_the_course_helper_wraps_the_same_generator():
         theirs = peer(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores,
                       labels=hf_labels).loss
         assert max_rel_err(ours(lp, target_mask, doc_scores), theirs) < 1e-5
+
+
+def test_transformers_is_a_version_these_tests_ran_against():
+    """The peer's generation flags change between transformers releases (5.25 began to ignore
+    ``length_penalty`` and ``early_stopping`` wherever they do not apply): pyproject.toml and
+    environment.yml pin the range the parity tests above were run against, upper bound
+    included, and the installed version must be inside it."""
+    root = Path(__file__).resolve().parents[1]
+    pins = [r for r in tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "dependencies"] if Requirement(r).name == "transformers"]
+    conda = [d for d in yaml.safe_load((root / "environment.yml").read_text())["dependencies"]
+             if isinstance(d, str) and Requirement(d).name == "transformers"]
+    assert len(pins) == 1 and conda == pins
+    spec = Requirement(pins[0]).specifier
+    assert any(s.operator in ("<", "<=", "==", "~=") for s in spec)  # an upper bound
+    assert spec.contains(transformers.__version__), (transformers.__version__, str(spec))
+
+
+def test_the_peer_search_is_checked_strictly():
+    """``rag.transformers_search`` validates its flags strictly: a flag that the installed
+    transformers would ignore raises instead of warning ("not valid and may be ignored").
+    This version's strict check does refuse the beam-only flags in greedy search."""
+    for num_beams in (1, 4):
+        flags = rag.transformers_search(num_beams, 8, EOS)
+        assert flags["num_beams"] == num_beams and flags["max_length"] == 9
+        assert ("length_penalty" in flags) == (num_beams > 1)
+    with pytest.raises(ValueError, match="length_penalty"):
+        GenerationConfig(num_beams=1, length_penalty=0.0).validate(strict=True)

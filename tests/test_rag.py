@@ -170,8 +170,9 @@ class FirstTokenGenerator(torch.nn.Module):
         n, t = decoder_input_ids.shape
         position = torch.arange(start, start + t)[None, :, None]
         logits = torch.where(position == 0, self.first[doc][:, None], self.end)
-        cache = SimpleNamespace(length=start + t,
-                                self_attention_cache=SimpleNamespace(reorder_cache=lambda i: None))
+        keep = SimpleNamespace(reorder_cache=lambda i: None)  # a cache of nothing
+        cache = SimpleNamespace(length=start + t, self_attention_cache=keep,
+                                cross_attention_cache=keep)
         return SimpleNamespace(logits=logits, cache=cache)
 
 
@@ -319,11 +320,9 @@ def test_one_document_is_plain_beam_search_and_the_mode_is_restored(bart):
     ids, mask, _ = bart_inputs(4, 1, seed=3)
     scores = torch.zeros(4, 1)
     for beams in (1, 3):
-        flags = {} if beams == 1 else {"length_penalty": 0.0, "early_stopping": "never"}
         bart.eval()
-        rows = bart.generate(input_ids=ids, attention_mask=mask, num_beams=beams,
-                             max_new_tokens=6, do_sample=False, forced_eos_token_id=EOS,
-                             **flags).tolist()
+        rows = bart.generate(input_ids=ids, attention_mask=mask,
+                             **rag.transformers_search(beams, 6, EOS)).tolist()
         theirs = [y[: y.index(EOS) + 1] for y in (r[1:] for r in rows)]
         bart.train()
         token = rag.rag_token_generate(bart, IdsTokenizer(), ids, mask, scores, num_beams=beams,
@@ -333,10 +332,8 @@ def test_one_document_is_plain_beam_search_and_the_mode_is_restored(bart):
         assert bart.training
         ours = [a.token_ids for a in token]
         assert ours == [a.token_ids for a in sequence]
-        # generate's beam score counts the end token it forces at max_length as log 1, so
-        # among answers cut there it may keep another; answers that ended by themselves agree
-        assert [y for y, t in zip(ours, theirs) if len(t) < 6 or beams == 1] == [
-            t for t in theirs if len(t) < 6 or beams == 1]
+        assert ours == theirs
+        assert {len(y) == 6 for y in ours} == {True, False}  # some cut at max_length, some not
         for t, s in zip(token, sequence):
             assert t.score == pytest.approx(s.score, abs=1e-5)
 
@@ -416,3 +413,17 @@ def test_the_cache_keyword_is_the_one_the_generator_takes():
         new, old = (decode(model, IdsTokenizer(), ids, mask, EQUAL, num_beams=2)[0]
                     for model in (FirstTokenGenerator(TABLE), OldCacheKeyword(TABLE)))
         assert new.token_ids == old.token_ids and new.score == pytest.approx(old.score)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_batch_decodes_as_its_questions_alone(bart, beams):
+    """Questions leave the batch as they finish: every question gets the answer it gets
+    alone."""
+    ids, mask, scores = bart_inputs(4, 3, seed=2)
+    alone = [rag.rag_token_generate(bart, IdsTokenizer(), ids[3 * q:3 * q + 3],
+                                    mask[3 * q:3 * q + 3], scores[q:q + 1], num_beams=beams,
+                                    max_length=6)[0].token_ids for q in range(4)]
+    batch = rag.rag_token_generate(bart, IdsTokenizer(), ids, mask, scores, num_beams=beams,
+                                   max_length=6)
+    assert [a.token_ids for a in batch] == alone
+    assert len({len(y) for y in alone}) > 1  # they finish at different steps
