@@ -171,12 +171,13 @@ def _bwrap(readable: list[Path], cwd: Path, tmp_size: int | None = None) -> list
     for etc in ("/etc/ld.so.cache", "/etc/localtime", "/etc/fonts"):
         if os.path.exists(etc):
             cmd += ["--ro-bind", etc, etc]
+    if tmp_size:
+        cmd += ["--size", str(tmp_size)]
+    cmd += ["--tmpfs", "/tmp"]  # before the binds: a Python or checkout under /tmp stays visible
     for path in readable:
         if path.exists() and not str(path).startswith("/usr/"):
             cmd += ["--ro-bind", str(path), str(path)]
-    if tmp_size:
-        cmd += ["--size", str(tmp_size)]
-    return cmd + ["--tmpfs", "/tmp", "--chdir", str(cwd)]
+    return cmd + ["--chdir", str(cwd)]
 
 
 def python_paths() -> list[Path]:
