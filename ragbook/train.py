@@ -317,10 +317,9 @@ def heldout_read_loss(model, tokenizer, pairs: list[tuple[Passage, str]],
     was_training = model.training
     model.eval()
     rng = random.Random(f"heldout-read/{cfg.seed}")
-    losses = [denoising_loss(model, reading_batch(pairs[i:i + cfg.batch_size],
-                                                  len(pairs[i:i + cfg.batch_size]),
-                                                  tokenizer, cfg, rng))
-              for i in range(0, len(pairs), cfg.batch_size)]
+    chunks = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+    losses = [denoising_loss(model, reading_batch(chunk, len(chunk), tokenizer, cfg, rng))
+              for chunk in chunks]
     model.train(was_training)
     return float(np.mean([loss.item() for loss in losses]))
 
@@ -392,8 +391,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     denoised = work / "denoised" if cfg.read_steps else out
     done = denoised / "pretrain.json"
     settings = _stage_settings(cfg, bf16, "denoise")
-    if done.exists() and json.loads(done.read_text()).get("settings") == settings:
-        stage1 = json.loads(done.read_text())  # the denoising stage is finished: reuse it
+    stage1 = json.loads(done.read_text()) if done.exists() else {}
+    if stage1.get("settings") == settings:  # the denoising stage is finished: reuse it
         with quiet_loading():
             model = BartForConditionalGeneration.from_pretrained(denoised, dtype=torch.float32)
     else:
