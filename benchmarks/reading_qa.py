@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
 from ragbook.config import get_preset
@@ -59,11 +59,6 @@ def f1s(predictions) -> list[float]:
     return [ev.f1_score(p.prediction, p.answers) for p in predictions]
 
 
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "fp32 only"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--generator", default="tiny", help="the generator (default: the shipped)")
@@ -79,8 +74,7 @@ def main() -> None:
     preset = get_preset("tiny", generator=args.generator, max_source_length=args.source_length)
     test = test_examples("reading-qa", args.questions, preset.seed)
     model = RagModel.from_preset(preset).eval()
-    record: dict = {"settings": vars(args), "n": len(test), "machine": {
-        "cpu": platform.processor() or platform.machine(), "bf16": cpu_flags()}}
+    record: dict = {"settings": vars(args), "n": len(test), "cpu": cpu_name()}
     recall = ev.retrieval_hits(model, test, (1, 5, 20))
     record["recall"] = {f"@{k}": float(h.mean()) for k, h in recall.items()}
     scores: dict[str, list[float]] = {}
