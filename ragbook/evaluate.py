@@ -346,9 +346,10 @@ def span_kind(span: str) -> str:
 def edit_spans(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
     """Pick ``n`` reading-QA facts, one per article, and give each a new answer of its kind:
     the chosen spans are passed round a cycle within each kind (a year becomes another fact's
-    year, a name another fact's name), so every new answer is a plausible one that only the
-    passage can confirm. Returns question → new span; a fact whose cycle would give it back
-    its own span is left out."""
+    year, a name another fact's name), so every new answer is a real span of its kind that only
+    the passage can confirm — though a name from another sentence can read oddly in this one
+    (benchmarks/README.md, "Hot-swap as the paper means it"). Returns question → new span; a
+    fact whose cycle would give it back its own span is left out."""
     import random
 
     first = {}
