@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import data
-from .config import PRESETS, RETRIEVERS, check_device, default_device
+from .config import PRESETS, RETRIEVERS, SMOL, SMOL_INSTALL, check_device, default_device
 from .index import INDEX_RETRIEVERS, KINDS
+
+RAG_PRESETS = ("paper", "tiny")  # the presets reproduce trains end to end (smol: --generator)
 
 
 def _stats_table() -> str:
@@ -138,11 +140,28 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return _print_answer(prediction, settings["config"]["marginalization"])
     if args.index:
         raise data.DataError("--index goes with --model DIR (a model from `ragbook finetune`)")
+    if args.generator:
+        return _ask_zero_shot(args, question)
     cfg = _reproduce_config(args, preset=args.preset, rag_steps=args.steps)
     print("Loading the jointly trained RAG model (trained and cached on first use)…",
           file=sys.stderr)
     model = rag_model(cfg, "entity-qa", args.model)
     prediction = model.answer([question], marginalization=args.model, n_docs=args.k or 5,
+                              num_beams=args.beams)[0]
+    return _print_answer(prediction, args.model)
+
+
+def _ask_zero_shot(args: argparse.Namespace, question: str) -> int:
+    """``ask --generator G``: RAG over the built-in index with generator G as it is."""
+    from .config import get_preset
+    from .finetune import FinetuneConfig
+    from .pipeline import RagModel
+
+    preset = (get_preset(SMOL) if args.generator == SMOL else get_preset(
+        args.preset, generator=args.generator,
+        max_source_length=FinetuneConfig.max_source_length))
+    model = RagModel.from_preset(preset, retriever=args.retriever)
+    prediction = model.answer([question], marginalization=args.model, n_docs=args.k,
                               num_beams=args.beams)[0]
     return _print_answer(prediction, args.model)
 
@@ -168,7 +187,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(marginalization=args.model, n_docs=args.n_docs, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          eval_every=args.eval_every,
-                         max_source_length=args.max_source_length, closed_book=args.closed_book)
+                         max_source_length=args.max_source_length, closed_book=args.closed_book,
+                         generator=args.generator)
     settings = finetune(args.index, train, out, dev, cfg, args.device or str(default_device()),
                         args.resume,
                         sources={"train": {"source": args.train}, "dev": {"source": args.dev}})
@@ -422,8 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "reproduce and the paper decode open-domain QA)")
     p.add_argument("--steps", type=count, default=defaults.rag_steps,
                    help="joint fine-tuning steps (reproduce's model by default)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+    p.add_argument("--preset", choices=RAG_PRESETS, default="tiny",
                    help="tiny (offline, CPU) or paper (hub checkpoints, GPU)")
+    p.add_argument("--generator", help="answer zero-shot (no joint training) with this "
+                   f"generator instead: {SMOL} (SmolLM2-135M-Instruct, a decoder-only LM; "
+                   f"install: {SMOL_INSTALL}) or a directory (BART or a causal LM)")
     _prior_options(p, defaults)
     p.set_defaults(func=cmd_ask, on_interrupt=RESUME)
 
@@ -506,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write the export into")
     p.add_argument("--checkpoint", help="a directory with generator/ and query_encoder/ "
                    "(default: reproduce's jointly trained model)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+    p.add_argument("--preset", choices=RAG_PRESETS, default="tiny",
                    help="the preset the model was trained with")
     p.add_argument("--steps", type=count, default=defaults.rag_steps,
                    help="joint fine-tuning steps (reproduce's model by default)")
@@ -530,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
     p.add_argument("--closed-book", action="store_true",
                    help="the paper's BART baseline instead: the generator alone, no retrieval")
+    p.add_argument("--generator", help="the generator to fine-tune (default: the index's "
+                   f"preset's): {SMOL} (SmolLM2-135M-Instruct; install: {SMOL_INSTALL}) or a "
+                   "directory (BART or a causal LM)")
     p.add_argument("--steps", type=count, default=250, help="training steps (default 250)")
     p.add_argument("--batch-size", type=count, default=16, help="questions per step")
     p.add_argument("--lr", type=_positive_float, default=3e-4,

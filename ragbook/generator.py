@@ -17,6 +17,7 @@ answers by beam search from parametric memory alone.
 
 from __future__ import annotations
 
+import inspect
 import random
 from pathlib import Path
 
@@ -213,6 +214,14 @@ def token_logprobs(model: BartForConditionalGeneration, input_ids: Tensor,
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    decoder_input_ids=decoder_input_ids, use_cache=False).logits
     return gold_logprobs(logits, labels_k).view(batch, n_docs, -1)
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which the generator takes and returns its key/value cache: ``cache``
+    in recent transformers, where ``past_key_values`` still works but is deprecated (a
+    FutureWarning); ``past_key_values`` before. Read off ``forward``'s signature, since a
+    forward with ``**kwargs`` would swallow the wrong one silently (and decode without cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def gold_logprobs(logits: Tensor, labels: Tensor) -> Tensor:

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import rag
+from . import causal, generator, rag
 from .config import RETRIEVERS, Preset, default_device
 from .data import Example, Passage
-from .generator import encode_inputs, encode_targets, token_logprobs
 
 MARGINALIZATIONS = {"sequence": rag.rag_sequence_loss, "token": rag.rag_token_loss}
 # w in the hybrid prior, chosen on dev questions for the jointly trained RAG models
@@ -153,8 +152,8 @@ class RagModel(torch.nn.Module):
         :func:`~ragbook.config.default_device`. ``mmap`` maps the index and the document
         vectors instead of reading them (the ranks of a data-parallel run on one machine then
         share one copy, ``train.train_rag``)."""
+        from .causal import load_generator
         from .data import load_corpus
-        from .generator import load_generator
         from .index import corpus_index
         from .retriever import BM25Retriever, load_encoders, passage_embeddings
 
@@ -236,9 +235,16 @@ class RagModel(torch.nn.Module):
         passages = [[self.index.passages[j] for j in row] for row in chosen]
         return Retrieved(passages, scores.gather(1, top))
 
+    @property
+    def _reads(self):
+        """The module that makes the generator's inputs and targets and scores them: BART's
+        ``generator``, or ``causal`` for a decoder-only LM (the same three functions)."""
+        return causal if causal.is_causal(self.generator) else generator
+
     def generator_inputs(self, questions: Sequence[str],
                          passages: Sequence[Sequence[Passage]]) -> dict[str, Tensor]:
-        """The (batch·k, S) inputs "title / text // question", k consecutive per question.
+        """The (batch·k, S) inputs "title / text // question" (a causal LM: its prompt), k
+        consecutive per question.
 
         k is the longest row; a shorter row (an approximate index found fewer passages) fills
         its missing slots with the question alone, whose p_η(z|x) is 0 (:class:`Retrieved`).
@@ -246,7 +252,8 @@ class RagModel(torch.nn.Module):
         k = max(len(row) for row in passages)
         flat = [p for row in passages for p in [*row, *[None] * (k - len(row))]]
         repeated = [q for q in questions for _ in range(k)]
-        batch = encode_inputs(self.tokenizer, flat, repeated, self.preset.max_source_length)
+        batch = self._reads.encode_inputs(self.tokenizer, flat, repeated,
+                                          self.preset.max_source_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def gold_table(self, examples: Sequence[Example], n_docs: int | None = None,
@@ -258,10 +265,11 @@ class RagModel(torch.nn.Module):
         questions = [e.question for e in examples]
         found = self.retrieve(questions, n_docs, grad=train_retriever)
         inputs = self.generator_inputs(questions, found.passages)
-        targets = encode_targets(self.tokenizer, [e.answers[0] for e in examples],
-                                 self.preset.max_target_length)
-        logprobs = token_logprobs(self.generator, inputs["input_ids"], inputs["attention_mask"],
-                                  targets["labels"].to(self.device))
+        targets = self._reads.encode_targets(self.tokenizer, [e.answers[0] for e in examples],
+                                             self.preset.max_target_length)
+        logprobs = self._reads.token_logprobs(self.generator, inputs["input_ids"],
+                                              inputs["attention_mask"],
+                                              targets["labels"].to(self.device))
         return GoldTable(logprobs, targets["target_mask"].to(self.device), found.doc_scores,
                          found.passages)
 

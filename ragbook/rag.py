@@ -34,7 +34,6 @@ very search instead.)
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,8 +49,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from . import causal
 from .config import Preset
-from .generator import gold_logprobs, pad, shift_right
+from .generator import cache_keyword, gold_logprobs, pad, shift_right
 
 # ---------------------------------------------------------------------------------------------
 # The marginalizations
@@ -203,12 +203,57 @@ def _score(model, encoder_hidden: Tensor, encoder_mask: Tensor, rows: Tensor,
     return out
 
 
-def _cache_keyword(model) -> str:
-    """The keyword under which the generator takes and returns its key/value cache: ``cache``
-    in recent transformers, where ``past_key_values`` still works but is deprecated (a
-    FutureWarning); ``past_key_values`` before. Read off ``forward``'s signature, since a
-    forward with ``**kwargs`` would swallow the wrong one silently (and decode without cache)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+class Seq2SeqSteps:
+    """BART's decoder one step at a time for :func:`_beam_search`, over (batch·k) inputs.
+
+    The encoder runs once over all rows and its states stay apart from the decoder's: the
+    self-attention cache follows the beams (:meth:`reorder`), while the cross-attention cache
+    and the encoder states, the same for every beam of a row, are only copied or dropped with
+    the rows (:meth:`keep`). (``causal.CausalSteps`` is the same interface for a decoder-only
+    LM, whose one cache holds prompt and answer alike.)
+    """
+
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor):
+        cfg = model.config
+        self.model, self.eos_token_id, self.pad_token_id = model, cfg.eos_token_id, cfg.pad_token_id
+        self.encoded = self.hidden = _encode(model, input_ids, attention_mask)
+        self.encoded_mask = self.mask = attention_mask
+        self.keyword = cache_keyword(model)
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # self-, cross-attention
+
+    def __call__(self, tokens: Tensor | None) -> Tensor:
+        """Logits of the next token (rows, vocab) after ``tokens`` (rows,); None: the first,
+        from the decoder start token."""
+        if tokens is None:
+            tokens = torch.full((len(self.hidden),), self.model.config.decoder_start_token_id,
+                                device=self.hidden.device)
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.hidden),
+                         attention_mask=self.mask, use_cache=True, **{self.keyword: self.cache},
+                         decoder_input_ids=tokens.view(-1, 1))
+        self.cache = getattr(out, self.keyword)
+        return out.logits[:, -1]
+
+    def reorder(self, order: Tensor) -> None:
+        """The beams moved: the self-attention cache follows rows ``order``."""
+        self.cache.self_attention_cache.reorder_cache(order)
+
+    def keep(self, rows: Tensor) -> None:
+        """Rows copied (one per beam) or dropped (finished groups): the encoder's side."""
+        self.cache.cross_attention_cache.reorder_cache(rows)
+        self.hidden, self.mask = self.hidden[rows], self.mask[rows]
+
+    def score(self, rows: Tensor, labels: Tensor, target_mask: Tensor) -> Tensor:
+        """Teacher-forced log p_θ(y_i | x, z, y_<i) of ``labels`` (n, T) under the inputs
+        ``rows`` (n, k), from the encoder's states of the search: :func:`_score`."""
+        return _score(self.model, self.encoded, self.encoded_mask, rows, labels, target_mask)
+
+
+def _steps(model, tokenizer, input_ids: Tensor, attention_mask: Tensor):
+    """The generator's decoding steps: BART's, or a decoder-only LM's (``causal.py``)."""
+    if causal.is_causal(model):
+        return causal.CausalSteps(model, input_ids, attention_mask,
+                                  causal.end_token_id(tokenizer), tokenizer.pad_token_id)
+    return Seq2SeqSteps(model, input_ids, attention_mask)
 
 
 class Hypothesis(NamedTuple):
@@ -222,11 +267,13 @@ class Hypothesis(NamedTuple):
     row_logprobs: Tensor
 
 
-def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior: Tensor,
-                 num_beams: int, max_length: int) -> list[list[Hypothesis]]:
+def _beam_search(steps, log_prior: Tensor, num_beams: int,
+                 max_length: int) -> list[list[Hypothesis]]:
     """Beam search for G independent groups, each over log Σ_r p(r) p_θ(y_i | r, y_<i).
 
-    Group g owns the R consecutive encoder rows g·R … g·R+R−1 with log-weights ``log_prior[g]``
+    ``steps`` runs the generator one token at a time (:class:`Seq2SeqSteps`,
+    ``causal.CausalSteps``). Group g owns its R consecutive rows g·R … g·R+R−1 with log-weights
+    ``log_prior[g]``
     (G, R). RAG-Token: a group is a question and its rows are its k documents, and the sum is
     Eq. 2's marginal over documents. RAG-Sequence: a group is one (question, document) pair,
     R = 1, log-weight 0 — the generator alone.
@@ -242,8 +289,7 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     if num_beams < 1 or max_length < 1:
         raise ValueError(f"need num_beams ≥ 1 and max_length ≥ 1, got {num_beams}, {max_length}")
     n_groups, n_rows = log_prior.shape
-    beams, cfg, device = num_beams, model.config, encoder_hidden.device
-    eos = cfg.eos_token_id
+    beams, device, eos = num_beams, log_prior.device, steps.eos_token_id
     all_beams = torch.arange(beams, device=device)
 
     def rows_of(groups: Tensor, beam: Tensor) -> Tensor:
@@ -255,22 +301,18 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
     # The first step runs each group's rows once: every beam starts from the same start token,
     # and the beams (and their copies of the cross-attention cache) are born from its choices.
     active, width = torch.arange(n_groups, device=device), 1  # groups searching, beams in batch
-    hidden, mask = encoder_hidden, encoder_mask
     log_weights = log_prior.float()
     weights = log_weights.exp()[:, None, None, :]  # p(r), shaped to weigh (groups, beams, R, V)
-    tokens = torch.full((n_groups, 1, 1), cfg.decoder_start_token_id, device=device)
+    tokens = torch.zeros((n_groups, 1, 1), dtype=torch.long, device=device)  # a placeholder:
+    # the first step starts from the generator's own start (BART's decoder start token, the
+    # end of a causal LM's prompt)
     history = torch.zeros((n_groups, 1, 0, n_rows), device=device)  # row log-probs so far
     scores = torch.zeros((n_groups, 1), device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(n_groups)]
-    keyword = _cache_keyword(model)
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # self-, cross-attention
     for step in range(max_length):
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                    attention_mask=mask, use_cache=True, **{keyword: cache},
-                    decoder_input_ids=tokens[:, :, -1].repeat_interleave(n_rows).view(-1, 1))
-        cache = getattr(out, keyword)
+        logits = steps(tokens[:, :, -1].repeat_interleave(n_rows) if step else None)
         # log p_θ(y | r, y_<i) for every row r and token y: (groups, beams, R, V)
-        row_logprobs = out.logits[:, -1].float().log_softmax(-1)
+        row_logprobs = logits.float().log_softmax(-1)
         row_logprobs = row_logprobs.view(len(active), width, n_rows, -1)
         end_logprobs = row_logprobs[..., eos]
         vocab = row_logprobs.shape[-1]
@@ -318,11 +360,9 @@ def _beam_search(model, encoder_hidden: Tensor, encoder_mask: Tensor, log_prior:
         # beam after the first step, and later only lose the rows of groups that have finished.
         order = rows_of(going, keep_beam)  # compared with the rows in the batch now
         if not torch.equal(order, torch.arange(len(active) * width * n_rows, device=device)):
-            cache.self_attention_cache.reorder_cache(order)
+            steps.reorder(order)
         if width < beams or len(going) < len(active):
-            still = rows_of(going, all_beams.clamp(max=width - 1).expand(len(going), beams))
-            cache.cross_attention_cache.reorder_cache(still)
-            hidden, mask = hidden[still], mask[still]
+            steps.keep(rows_of(going, all_beams.clamp(max=width - 1).expand(len(going), beams)))
         active, width = active[going], beams
     return [sorted(f, key=lambda h: -h.score)[:beams] for f in finished]
 
@@ -355,9 +395,9 @@ def rag_token_generate(model, tokenizer, input_ids: Tensor, attention_mask: Tens
     input_ids, attention_mask, doc_scores = (
         t.to(device) for t in (input_ids, attention_mask, doc_scores))
     with _eval_mode(model):
-        encoder_hidden = _encode(model, input_ids, attention_mask)
-        best = [group[0] for group in _beam_search(
-            model, encoder_hidden, attention_mask, log_prior(doc_scores), num_beams, max_length)]
+        steps = _steps(model, tokenizer, input_ids, attention_mask)
+        best = [group[0] for group in _beam_search(steps, log_prior(doc_scores), num_beams,
+                                                   max_length)]
     # Eq. 2 on each answer from the log p_θ(y_i | x, z, y_<i) the search recorded: (batch, k, T)
     logprobs = pad_sequence([h.row_logprobs for h in best], batch_first=True).transpose(1, 2)
     target_mask = pad_sequence([torch.ones(len(h.token_ids), dtype=torch.bool) for h in best],
@@ -396,9 +436,8 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
         t.to(device) for t in (input_ids, attention_mask, doc_scores))
     batch, k = doc_scores.shape
     with _eval_mode(model):
-        encoder_hidden = _encode(model, input_ids, attention_mask)
-        per_doc = _beam_search(model, encoder_hidden, attention_mask,
-                               doc_scores.new_zeros(batch * k, 1), num_beams, max_length)
+        steps = _steps(model, tokenizer, input_ids, attention_mask)
+        per_doc = _beam_search(steps, doc_scores.new_zeros(batch * k, 1), num_beams, max_length)
         # candidates[q]: distinct hypotheses of question q; beam_logprobs[q]: (|Y|, k)
         candidates, beam_logprobs = [], []
         absent = torch.isneginf(doc_scores).tolist()  # slots with no passage: p_η(z|x) = 0
@@ -415,11 +454,9 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
             device = input_ids.device
             flat = [y for ys in candidates for y in ys]
             owner = torch.tensor([q for q, ys in enumerate(candidates) for _ in ys], device=device)
-            labels, target_mask = _labels(flat, model.config.pad_token_id, device)
+            labels, target_mask = _labels(flat, steps.pad_token_id, device)
             rows = owner.view(-1, 1) * k + torch.arange(k, device=device)
-            seq_logprobs = sequence_logprobs(
-                _score(model, encoder_hidden, attention_mask, rows, labels, target_mask),
-                target_mask)
+            seq_logprobs = sequence_logprobs(steps.score(rows, labels, target_mask), target_mask)
             beam_logprobs = list(seq_logprobs.cpu().split([len(ys) for ys in candidates]))
 
     answers = []
@@ -438,8 +475,9 @@ def rag_sequence_generate(model, tokenizer, input_ids: Tensor, attention_mask: T
 
 
 class EndAtMaxLength(LogitsProcessor):
-    """ragbook's rule for an answer that reaches ``max_length`` tokens, for transformers'
-    ``generate``: its last token can only be the end token, scored by its own log-probability.
+    """ragbook's rule for an answer that reaches its last allowed token, for transformers'
+    ``generate`` (once what it has generated from, start token or prompt, is ``max_length``
+    tokens long): that token can only be the end token, scored by its own log-probability.
 
     transformers' own ``forced_eos_token_id`` makes the end token certain there (log 1), so its
     beam search would keep the answer cut at the limit that Eq. 2 finds less likely. In beam
@@ -458,22 +496,26 @@ class EndAtMaxLength(LogitsProcessor):
         return ended
 
 
-def transformers_search(num_beams: int, max_length: int, eos_token_id: int) -> dict:
+def transformers_search(num_beams: int, max_length: int, eos_token_id: int,
+                        prompt_length: int = 1) -> dict:
     """Keyword arguments that make transformers' ``generate`` run ragbook's search.
 
     ragbook's beam search scores a hypothesis by its total log-probability (no length
     normalisation: ``length_penalty=0.0``), stops a question only when no live beam can beat its
-    finished ones (``early_stopping="never"``), counts ``max_length`` without the decoder start
-    token (transformers counts it: + 1) and ends an answer cut there as :class:`EndAtMaxLength`
-    does. A loud stop: the flags are validated strictly, so a transformers version that would
-    ignore one of them (it warns "not valid and may be ignored") raises here instead.
+    finished ones (``early_stopping="never"``), counts ``max_length`` in answer tokens
+    (transformers counts the ``prompt_length`` tokens before them too: a seq2seq decoder's
+    start token, or a causal LM's left-padded prompt) and ends an answer cut there as
+    :class:`EndAtMaxLength` does. A loud stop: the flags are validated strictly, so a
+    transformers version that would ignore one of them (it warns "not valid and may be
+    ignored") raises here instead.
     """
-    flags = {"num_beams": num_beams, "do_sample": False, "max_length": max_length + 1,
-             "forced_eos_token_id": None}
+    flags = {"num_beams": num_beams, "do_sample": False,
+             "max_length": prompt_length + max_length, "forced_eos_token_id": None}
     if num_beams > 1:  # beam-only flags: greedy search has no length penalty to switch off
         flags |= {"length_penalty": 0.0, "early_stopping": "never"}
     GenerationConfig(**flags).validate(strict=True)
-    processors = LogitsProcessorList([EndAtMaxLength(max_length, eos_token_id)])
+    processors = LogitsProcessorList([EndAtMaxLength(prompt_length + max_length - 1,
+                                                     eos_token_id)])
     return {**flags, "logits_processor": processors}
 
 

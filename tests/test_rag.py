@@ -157,7 +157,7 @@ class FirstTokenGenerator(torch.nn.Module):
         self.first = (table / table.sum(-1, keepdim=True)).log()
         self.end = torch.full((vocab,), -1e4).index_fill(0, torch.tensor(EOS), 0.0)
         self.config = SimpleNamespace(decoder_start_token_id=EOS, eos_token_id=EOS,
-                                      pad_token_id=PAD)
+                                      pad_token_id=PAD, is_encoder_decoder=True)
 
     def get_encoder(self):
         return lambda input_ids, attention_mask: SimpleNamespace(
