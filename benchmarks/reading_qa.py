@@ -34,25 +34,11 @@ from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
 from ragbook.config import get_preset
-from ragbook.data import BLANK, load_corpus
+from ragbook.data import gold_passages, load_corpus
 from ragbook.generator import generate_answers
 from ragbook.pipeline import RagModel
 from ragbook.reproduce import test_examples
 from ragbook.train import RagTrainConfig, trained_closed_book, trained_rag
-
-
-def gold_passages(examples):
-    """The passage each question was made from: of its article, the one holding its clue."""
-    by_article: dict[str, list] = {}
-    for p in load_corpus():
-        by_article.setdefault(p.title, []).append(p)
-    out = []
-    for e in examples:
-        clue = e.question.split(": ", 1)[1].replace(BLANK, e.answers[0])
-        candidates = by_article[e.article]
-        out.append(next((p for p in candidates if clue in p.text),
-                        next((p for p in candidates if e.answers[0] in p.text), candidates[0])))
-    return out
 
 
 def f1s(predictions) -> list[float]:
@@ -81,7 +67,7 @@ def main() -> None:
     predictions = {}
 
     gold = generate_answers(model.generator, model.tokenizer, [e.question for e in test],
-                            gold_passages(test), num_beams=1,
+                            gold_passages(test, load_corpus()), num_beams=1,
                             max_source_length=args.source_length)
     scores["reader, gold passage"] = [ev.f1_score(a, e.answers) for a, e in zip(gold, test)]
     for k in (1, 5):

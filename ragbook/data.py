@@ -265,6 +265,23 @@ def _reading_qa(articles, rng) -> list[Example]:
     return out
 
 
+def gold_passages(examples: Sequence[Example],
+                  corpus: Sequence[Passage] | None = None) -> list[Passage]:
+    """The passage each reading-QA question was made from (default corpus: the built-in one):
+    of its article, the one holding its clue with the answer in the blank, else the first that
+    holds the answer."""
+    by_article: dict[str, list[Passage]] = {}
+    for p in load_corpus() if corpus is None else corpus:
+        by_article.setdefault(p.title, []).append(p)
+    out = []
+    for e in examples:
+        clue = e.question.split(": ", 1)[1].replace(BLANK, e.answers[0])
+        candidates = by_article[e.article]
+        out.append(next((p for p in candidates if clue in p.text),
+                        next((p for p in candidates if e.answers[0] in p.text), candidates[0])))
+    return out
+
+
 def _qgen(articles, rng) -> list[Example]:
     """Question generation: from the title, generate the clue (the description)."""
     return [

@@ -231,6 +231,43 @@ def evaluate_labels(model, examples: Sequence[Example], labels: Sequence[str],
              "n": len(examples)}, predictions)
 
 
+def concatenated_answers(model: RagModel, examples: Sequence[Example], passages:
+                         Sequence[Sequence[Passage]], batch_size: int = 8,
+                         progress: bool = False) -> list[Prediction]:
+    """Answers of a causal-LM generator from ONE prompt per question holding all of its
+    ``passages`` in the order given (``causal.encode_concatenated``): what most RAG systems
+    do today, beside Eq. 1 and Eq. 2's one prompt per passage (notebook 10). Greedy, at most
+    the preset's ``max_target_length`` tokens; no posterior over passages to report."""
+    from tqdm.auto import tqdm
+
+    from . import causal, rag
+
+    if not causal.is_causal(model.generator):
+        raise ValueError("concatenation puts k passages in one prompt: it needs a causal LM "
+                         "generator (e.g. the smol preset)")
+    limit = model.preset.max_source_length * max(len(row) for row in passages)
+    out = []
+    for i in tqdm(range(0, len(examples), batch_size), disable=not progress,
+                  desc="concatenated"):
+        batch = examples[i:i + batch_size]
+        enc = causal.encode_concatenated(model.tokenizer, list(passages[i:i + batch_size]),
+                                         [e.question for e in batch], limit)
+        answers = rag.rag_token_generate(model.generator, model.tokenizer, enc["input_ids"],
+                                         enc["attention_mask"], torch.zeros(len(batch), 1),
+                                         num_beams=1,
+                                         max_length=model.preset.max_target_length)
+        out += [Prediction(e.question, a.text, list(e.answers)) for e, a in zip(batch, answers)]
+    return out
+
+
+def gold_at(retrieved: Sequence[Passage], gold: Passage, position: int) -> list[Passage]:
+    """The retrieved passages with the gold one moved to ``position`` (it takes the place of
+    the last other passage if retrieval missed it): where in a long prompt the answer sits
+    ("lost in the middle", notebook 10)."""
+    others = [p for p in retrieved if p.id != gold.id][:len(retrieved) - 1]
+    return others[:position] + [gold] + others[position:]
+
+
 def retrieved_passages(model, examples: Sequence[Example], k: int,
                        batch_size: int = 64) -> list[list[Passage]]:
     """The top-k passages of every question, retrieved in batches."""

@@ -19,7 +19,7 @@ def names(requirements):
 def test_environment_yml_lists_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = names(project["dependencies"]) | names(extras["dev"]) | names(extras["book"])
+    wanted = names(project["dependencies"]) | set().union(*(names(extras[e]) for e in extras))
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     listed = set()
     for dep in env["dependencies"]:
