@@ -12,10 +12,15 @@ Measured side by side in one run, on the same generator object and the same inpu
    (``RagSequenceForGeneration.generate`` is Thorough only; ``RagTokenForGeneration.generate``),
    which runs ragbook's search (``rag.transformers_search``) — checked, see ``bench_decoding``.
    Time is wall-clock and process CPU time, the ratio the median of the per-round ratios.
+   The generator's encoder pass, which both sides run once per chunk, is timed alone beside
+   them: transformers' time over it is the most any RAG-Token decoder could gain (a decoder of
+   no cost).
 
 The generator is the shipped tiny BART when ``ragbook/weights/tiny-bart`` exists, with real
 inputs — each entity-QA dev question with its own article's passage and k−1 others, the right
 one scored highest — and otherwise a random BART of the tiny preset's size on random tokens.
+``--generator DIR`` loads another saved generator instead (long answers, the decoders' worst
+case: the denoising-only generator shipped before 017e3ac, whose answers run to the limit).
 
     nice -n 5 python benchmarks/bench_rag.py --out bench_rag.json
     # the course's setting: a fine-tuned generator, greedy, RAG-Token only
@@ -35,6 +40,7 @@ import platform
 import random
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -53,12 +59,14 @@ class IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-def load_or_random_generator():
-    if (SHIPPED / "config.json").exists():
+def load_or_random_generator(path: str | None = None):
+    """The shipped tiny BART, or the generator saved at ``path`` (e.g. an earlier shipped one,
+    ``git archive <commit> ragbook/weights/tiny-bart | tar -x -C DIR``), or a random BART."""
+    if path or (SHIPPED / "config.json").exists():
         from ragbook.generator import load_generator
 
-        model, tokenizer = load_generator("tiny")
-        return model, tokenizer, "shipped tiny BART"
+        model, tokenizer = load_generator(path or "tiny")
+        return model, tokenizer, f"generator at {path}" if path else "shipped tiny BART"
     config = BartConfig(vocab_size=8192, d_model=256, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=4, decoder_attention_heads=4,
                         encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=128,
@@ -205,6 +213,15 @@ def bench_decoding(generator, tokenizer, hf_models, ids, mask, scores, num_beams
     if "token" in families:
         decoders |= {"rag-token": ours(rag.rag_token_generate),
                      "transformers rag-token": theirs(hf_models[1])}
+
+    def encoder_alone(i, m, s):
+        """The generator's encoder pass that both sides run before decoding, timed alone:
+        transformers' time over it is the speed-up ragbook would reach with a free decoder."""
+        with torch.no_grad():
+            rag._encode(generator, i, m)
+        return []
+
+    decoders["encoder alone"] = encoder_alone
     warnings = PeerWarnings()
     hf_logging.get_logger().addHandler(warnings)
 
@@ -257,19 +274,20 @@ def bench_decoding(generator, tokenizer, hf_models, ids, mask, scores, num_beams
 
     pairs = {"rag-token": ("transformers rag-token", "rag-token"),
              "rag-sequence thorough": ("transformers rag-sequence", "rag-sequence thorough"),
-             "thorough over fast": ("rag-sequence thorough", "rag-sequence fast")}
+             "thorough over fast": ("rag-sequence thorough", "rag-sequence fast"),
+             "rag-token with a free decoder": ("transformers rag-token", "encoder alone")}
     summary = {
         "seconds_wall_median": {name: statistics.median(t) for name, t in wall.items()},
         "seconds_cpu_median": {name: statistics.median(t) for name, t in cpu.items()},
         "ratio_wall_median_of_rounds": {p: ratio(wall, *ab) for p, ab in pairs.items()},
         "ratio_cpu_median_of_rounds": {p: ratio(cpu, *ab) for p, ab in pairs.items()},
         "answer_lengths_mean": {name: statistics.mean(map(len, ys))
-                                for name, ys in results.items()},
+                                for name, ys in results.items() if ys},
         "peer_search_checked": checked,
         "peer_ignored_flags": ignored,
         "peer_beam_score_gap": score_gap,
         "agreement": {p: agree(*ab) if checked or p == "thorough over fast" else None
-                      for p, ab in pairs.items()},
+                      for p, ab in pairs.items() if "free" not in p},
         "note": "transformers' RAG-Sequence generate runs the generator with attention_mask=None,"
                 " so on padded inputs its answers may differ from Thorough's by design",
     }
@@ -326,6 +344,10 @@ def main():
                         help="answer tokens with the end token (default: the preset's)")
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="fine-tune the shipped generator first (the course's setting)")
+    parser.add_argument("--generator", default=None,
+                        help="a saved generator's directory instead of the shipped one (same "
+                             "tokenizer): the worst case of long answers is the denoising-only "
+                             "generator shipped before 017e3ac")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -333,7 +355,7 @@ def main():
     preset = get_preset("tiny")
     max_length = args.max_length or preset.max_target_length
     load_before = os.getloadavg()
-    generator, tokenizer, which = load_or_random_generator()
+    generator, tokenizer, which = load_or_random_generator(args.generator)
     print(f"generator: {which}; k = {args.n_docs}; torch threads {args.threads}; "
           f"transformers {transformers.__version__}; {cpu_name()}", flush=True)
     hf_models = (rag.transformers_rag(generator, args.n_docs, "sequence"),
@@ -360,6 +382,7 @@ def main():
             chunk=16, rounds=args.decode_rounds, families=args.families)
         report |= {"decode_questions": args.decode_questions, "num_beams": args.num_beams,
                    "max_length": max_length, "source_length": int(mask.sum(1).max())}
+    report["command"] = " ".join(sys.argv[1:])
     report["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     if args.out:
         with open(args.out, "w") as f:

@@ -427,3 +427,22 @@ def test_a_batch_decodes_as_its_questions_alone(bart, beams):
                                    max_length=6)
     assert [a.token_ids for a in batch] == alone
     assert len({len(y) for y in alone}) > 1  # they finish at different steps
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_the_last_questions_of_a_batch_may_finish_first(bart, beams):
+    """Longest answer first, shortest last: every question that finishes is then the last one
+    still in the batch, and the rows that remain are a prefix of the batch's. The caches must
+    still follow them (greedy decoding once took that prefix for "nothing moved", kept the
+    finished rows in the self-attention cache and fed 3 rows against 6 at the next step)."""
+    n = 6
+    ids, mask, scores = bart_inputs(n, 3, seed=2)
+    alone = [rag.rag_token_generate(bart, IdsTokenizer(), ids[3 * q:3 * q + 3],
+                                    mask[3 * q:3 * q + 3], scores[q:q + 1], num_beams=beams,
+                                    max_length=6)[0].token_ids for q in range(n)]
+    order = sorted(range(n), key=lambda q: -len(alone[q]))
+    assert len(alone[order[0]]) > len(alone[order[-1]])  # the last one finishes first
+    rows = torch.tensor([3 * q + r for q in order for r in range(3)])
+    batch = rag.rag_token_generate(bart, IdsTokenizer(), ids[rows], mask[rows], scores[order],
+                                   num_beams=beams, max_length=6)
+    assert [a.token_ids for a in batch] == [alone[q] for q in order]
