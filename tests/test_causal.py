@@ -202,3 +202,87 @@ def test_one_document_is_transformers_generate_on_the_prompt(lm, num_beams):
                             **rag.transformers_search(num_beams, max_length, end, width))
     for answer, row in zip(ours, theirs[:, width:].tolist()):
         assert answer.token_ids == row[:row.index(end) + 1]
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_ask_finetune_and_answer_take_a_causal_lm(lm, tmp_path, monkeypatch, capsys):
+    """`ask --generator DIR` answers zero-shot with provenance; `finetune --generator DIR`
+    trains RAG-Token with the LM and writes a model directory that `answer` reads back."""
+    import json
+
+    from ragbook import cli, data
+    from ragbook import finetune as F
+
+    _, _, directory = lm
+    monkeypatch.setenv("RAGBOOK_CACHE", str(tmp_path / "cache"))
+    passages = [p for p in data.load_corpus()[:60] if p.id.endswith("::0")][:20]
+    monkeypatch.setattr(data, "load_corpus", lambda: passages)
+    assert cli.main(["ask", "Which country is it in?", "--generator", str(directory),
+                     "-k", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("answer:")
+    posteriors = [float(line.split()[0]) for line in printed[2:]]
+    assert len(posteriors) == 2 and sum(posteriors) == pytest.approx(1.0, abs=2e-3)
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(vars(p)) + "\n" for p in passages))
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": e.question, "answers": e.answers})
+                                 + "\n" for e in F.cloze_questions(passages)[:6]))
+    assert cli.main(["index", "--corpus", str(corpus), "--out", str(tmp_path / "ix")]) == 0
+    out = tmp_path / "model"
+    assert cli.main(["finetune", "--index", str(tmp_path / "ix"), "--train", str(questions),
+                     "--out", str(out), "--generator", str(directory), "--steps", "1",
+                     "--batch-size", "2", "--n-docs", "2", "--max-source-length", "400"]) == 0
+    settings = json.loads((out / F.SETTINGS_FILE).read_text())
+    assert settings["preset"]["generator"] == str(directory)
+    assert json.loads((out / "generator" / "config.json").read_text())["model_type"] == "llama"
+    predictions = tmp_path / "predictions.jsonl"
+    assert cli.main(["answer", "--model", str(out), "--questions", str(questions),
+                     "--out", str(predictions)]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["provenance"]) == 2 for r in rows)
+
+
+def test_closed_book_refuses_a_causal_lm_in_one_line(lm, tmp_path, monkeypatch, capsys):
+    from ragbook import cli
+
+    _, _, directory = lm
+    monkeypatch.setattr("ragbook.finetune.untrained_model", lambda *a, **k: pytest.fail(
+        "loaded a model before checking the options"))
+    (tmp_path / "q.jsonl").write_text('{"question": "Who?", "answers": ["Ann"]}\n')
+    code = cli.main(["finetune", "--index", str(tmp_path), "--train", str(tmp_path / "q.jsonl"),
+                     "--out", str(tmp_path / "m"), "--generator", str(directory),
+                     "--closed-book"])
+    assert code == 2
+    assert "--closed-book" in capsys.readouterr().err
+
+
+def test_the_smol_preset_decodes_as_transformers_generate_on_its_prompt():
+    """The real LM, dequantised from the installed GGUF file into the cache once (notebook 10
+    then loads it from there): ragbook's greedy decoder, from the left-padded batch, answers
+    as transformers' ``generate`` does from each prompt's text alone."""
+    from ragbook.config import smol_path
+
+    try:
+        smol_path()
+    except LMNotInstalled as e:
+        pytest.skip(str(e))
+    model, tokenizer = causal.load_lm("smol", device="cpu")
+    passages = [Passage("1", "Kenya", "The capital of Kenya is Nairobi, its largest city."),
+                Passage("2", "Mount Everest", "Its elevation of 8,849 metres was most recently "
+                        "established in 2020 by the Chinese and Nepali authorities.")]
+    questions = ["Country in East Africa: The capital of Kenya is _____, its largest city.",
+                 "Earth's highest mountain: its elevation of _____ metres was most recently"]
+    enc = causal.encode_inputs(tokenizer, passages, questions, 512)
+    ours = rag.rag_token_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"],
+                                  torch.zeros(2, 1), num_beams=1, max_length=8)
+    for passage, question, answer in zip(passages, questions, ours):
+        text = causal.default_prompt().render(passage, question)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+        theirs = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert answer.text and theirs.startswith(" " + answer.text + "\n"), (answer, theirs)
