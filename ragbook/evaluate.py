@@ -1,7 +1,8 @@
 """Evaluation: the paper's metrics, with every prediction kept beside its provenance.
 
 - Exact Match and F1 with SQuAD's answer normalisation, max over the gold answers (Table 1);
-- retrieval recall@k: the gold article, or a gold answer string, among the top k (Table 6);
+- retrieval recall@k: the gold article, or a gold answer string, among the top k (Figure 3,
+  centre panel; the paper's Table 6 reports the ablated retrievers' task scores, not recall);
 - BLEU-1 for question generation, from sacrebleu (Table 2, Jeopardy generation);
 - label accuracy for fact verification, the likelier label under the model (Table 2, FEVER).
 

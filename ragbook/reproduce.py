@@ -46,7 +46,7 @@ class ReproduceConfig:
     hot_swap_facts: int = 100  # fewer swing by several points between draws (benchmarks/README.md)
     recall_questions: int | None = None  # test questions for recall@k (None: the whole split)
     # RAG's prior p_η(z|x). Joint training uses the paper's dense prior (§2.4): BERT_q learns
-    # from the generator's signal alone, and Table 6 compares its recall with MiniLM's. At test
+    # from the generator's signal alone, and its recall is compared with MiniLM's. At test
     # time the prior multiplies in BM25 ("hybrid", pipeline.py) — a new prior needs no
     # retraining (notebook 07) — which at this scale ranks better than either expert alone.
     training_prior: str = "dense"
@@ -100,7 +100,8 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
     qa = test("entity-qa")
     recall_qa = test_examples("entity-qa", cfg.recall_questions, cfg.seed)
 
-    # Table 6 (retrieval half): frozen MiniLM, BM25 — and below, after joint training.
+    # recall@k (Figure 3's centre-panel metric) of the retrievers Table 6 ablates: frozen
+    # MiniLM, BM25 — and below, after joint training.
     frozen = RagModel.from_preset(preset)
     bm25 = RagModel.from_preset(preset, retriever="bm25", generator=frozen.generator,
                                 tokenizer=frozen.tokenizer, query_encoder=frozen.query_encoder)
@@ -280,7 +281,7 @@ def results_table(r: dict) -> str:
         if name not in ret:
             continue
         rec = ret[name]
-        rows.append(f"| retrieval recall@1/5/20 (Table 6{questions}) | {label} | "
+        rows.append(f"| retrieval recall@1/5/20 (Figure 3, centre{questions}) | {label} | "
                     + " / ".join(pct(rec[f"recall@{k}"]) for k in (1, 5, 20)) + " | |")
     hs = r["hot_swap"]
     rows.append(f"| index hot-swap ({hs['facts']} edited facts) | RAG-Token follows the new "
@@ -373,13 +374,14 @@ def findings(r: dict) -> list[str]:
 
     if all({"bm25", "frozen"} <= rec[k].keys() for k in rec):
         ahead = {">": "BM25 ahead", "<": "dense ahead", "≈": "within noise"}
-        out.append(f"**BM25 vs dense retrieval** (Table 6): {recalls('bm25', 'frozen')} — at "
+        out.append(f"**BM25 vs dense retrieval**, recall@k (Figure 3's centre-panel metric): "
+                   f"{recalls('bm25', 'frozen')} — at "
                    f"rank 1 {ahead[ev.compare(rec[1]['bm25'], rec[1]['frozen'])]}, at rank 5 "
                    f"{ahead[ev.compare(rec[5]['bm25'], rec[5]['frozen'])]}; the paper finds "
                    "dense retrieval better on NQ and BM25 best on entity-centric FEVER.")
     if all({"finetuned", "frozen"} <= rec[k].keys() for k in rec):
         out.append(f"{mark('finetuned', 'frozen', rec[1])} **Joint training and the query "
-                   f"encoder** (Table 6), dense recall after joint training vs the frozen BERT_q: "
+                   f"encoder**, dense recall after joint training vs the frozen BERT_q: "
                    f"{recalls('finetuned', 'frozen')} on {len(rec[1]['frozen'])} questions, with "
                    "no retrieval label — the generator's signal alone.")
     sweep = r.get("k_sweep")

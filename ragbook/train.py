@@ -623,10 +623,23 @@ def generator_fingerprint(name: str) -> str:
     return hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
+def encoder_fingerprint(name: str) -> str:
+    """Identify a query encoder's weights: a hash of its safetensors file when ``name`` is a
+    directory that holds one (a fine-tuned BERT_q), else the name (a hub checkpoint)."""
+    import hashlib
+
+    weights = Path(name) / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else name
+
+
 def trained_rag(preset, task: str = "entity-qa", cfg: RagTrainConfig | None = None,
-                retriever: str = "dense", progress: bool = True):
+                retriever: str = "dense", progress: bool = True, query_encoder=None):
     """A jointly fine-tuned :class:`~ragbook.pipeline.RagModel`, trained once and cached.
 
+    ``query_encoder``: the BERT_q to start from (an :class:`~ragbook.retriever.Encoder` saved
+    on disk, e.g. :func:`~ragbook.retriever.trained_query_encoder`'s supervised one, the
+    analogue of the paper's DPR initialisation); default the preset's. It is not modified: the
+    run trains a copy loaded from its path, and the cache key holds a hash of its weights.
     The run's checkpoint lives beside the cache entry, so an interrupted training resumes.
     """
     from transformers import AutoTokenizer, BartForConditionalGeneration
@@ -639,10 +652,15 @@ def trained_rag(preset, task: str = "entity-qa", cfg: RagTrainConfig | None = No
     cfg = cfg or RagTrainConfig(n_docs=preset.n_docs, seed=preset.seed)
     params = {"preset": preset.to_dict(), "task": task, "train": asdict(cfg),
               "retriever": retriever, "generator": generator_fingerprint(preset.generator)}
+    if query_encoder is not None:  # absent otherwise: earlier cache entries keep their keys
+        params["query_encoder"] = encoder_fingerprint(query_encoder.name)
     run_dir = artifact_path("rag-run", params)
 
     def build(out: Path) -> None:
-        model = RagModel.from_preset(preset, retriever=retriever)
+        start = None if query_encoder is None else Encoder(
+            query_encoder.name, pooling=preset.pooling, normalize=preset.normalize,
+            max_length=preset.max_query_length)
+        model = RagModel.from_preset(preset, retriever=retriever, query_encoder=start)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = train_rag(model, load_task(task, "train", preset.seed), cfg,
                           checkpoint=run_dir / "checkpoint.pt", progress=progress)

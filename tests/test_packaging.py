@@ -94,8 +94,8 @@ def test_results_table_puts_ours_beside_the_paper_in_percent():
     table = results_table(results)
     assert ("| | RAG-Sequence (trained with the dense prior, read with the hybrid one) | 40.0 |"
             in table)
-    assert ("(Table 6, 976 test questions) | hybrid (dense × BM25), BERT_q trained jointly with "
-            "the dense prior | 60.0 / 85.0 / 95.0 |") in table
+    assert ("(Figure 3, centre, 976 test questions) | hybrid (dense × BM25), BERT_q trained "
+            "jointly with the dense prior | 60.0 / 85.0 / 95.0 |") in table
 
 
 def test_eval_command_scores_a_predictions_file(tmp_path, capsys):

@@ -1058,3 +1058,15 @@ def test_two_processes_train_as_one_on_the_same_global_batch(toy, tmp_path):
 
 if __name__ == "__main__":  # a rank of the data-parallel test above
     _data_parallel_worker(Path(sys.argv[1]))
+
+
+def test_encoder_fingerprint_follows_the_weights_of_a_saved_query_encoder(tmp_path):
+    """trained_rag(query_encoder=...) keys its cache by the starting BERT_q's weights: another
+    fine-tuned encoder is another run; a hub checkpoint is keyed by its name."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights, one run")
+    first = T.encoder_fingerprint(str(tmp_path))
+    assert first == T.encoder_fingerprint(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"weights, another run")
+    assert T.encoder_fingerprint(str(tmp_path)) != first
+    assert T.encoder_fingerprint("sentence-transformers/all-MiniLM-L6-v2") == (
+        "sentence-transformers/all-MiniLM-L6-v2")
