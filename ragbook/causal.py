@@ -80,11 +80,14 @@ PLAIN = Prompt(preamble=INSTRUCTION + "\n\n", head="Passage:", middle="\nQuestio
 def worked_examples(prompt: Prompt = PLAIN) -> Prompt:
     """``prompt`` with two worked examples after its instruction (few-shot prompting): the first
     reading-QA *train* question whose answer is a date, then the first whose answer is a name,
-    each with the one sentence of its gold passage that holds its clue (a short passage keeps
+    neither sharing a word with its article's title (an example answered from the title would
+    teach the LM to copy titles), each with the one sentence of its gold passage that holds its
+    clue (a short passage keeps
     the prompt, paid once per document, short)."""
     from .data import BLANK, SALIENT_SPANS, gold_passages, load_task, split_sentences
 
-    train = load_task("reading-qa", "train")
+    train = [e for e in load_task("reading-qa", "train")  # answers the title does not hold
+             if not set(e.answers[0].lower().split()) & set(e.article.lower().split())]
     chosen = [next(e for e in train if SALIENT_SPANS["date"].fullmatch(e.answers[0])),
               next(e for e in train if e.answers[0][:1].isupper())]
     bare = replace(prompt, preamble="")

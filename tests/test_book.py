@@ -74,8 +74,8 @@ def test_the_site_has_every_chapter_and_mathjax_is_local(site):
                  "docs/engineering.html", "benchmarks/README.html", "exercises/README.html",
                  "exercises/student/01_dense_retrieval.html", "search.html"]:
         assert (site / page).is_file(), page
-    assert sorted(p.name for p in (site / "notebooks").glob("0*.html")) == [
-        f.with_suffix(".html").name for f in sorted((ROOT / "notebooks").glob("0*.ipynb"))]
+    assert sorted(p.name for p in (site / "notebooks").glob("[0-9]*.html")) == [
+        f.with_suffix(".html").name for f in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))]
     assert not (site / "exercises" / "source").exists()  # the solutions are never published
     assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
     api = (site / "docs" / "api.html").read_text()
@@ -84,7 +84,7 @@ def test_the_site_has_every_chapter_and_mathjax_is_local(site):
 
 def test_every_page_links_its_source_and_the_notebooks_colab():
     pytest.importorskip("jupyter_book")
-    for nb in sorted((ROOT / "notebooks").glob("0*.ipynb")):
+    for nb in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
         page = (HTML / "notebooks" / nb.with_suffix(".html").name).read_text()
         assert "blob/v" in page and f"notebooks/{nb.name}" in page  # the source on GitHub
         assert "colab.research.google.com/github/" in page  # the badge's link, and the button
