@@ -928,7 +928,7 @@ def test_train_rag_on_the_device(toy, cpu_baseline, device, monkeypatch, tmp_pat
         autocast.append(torch.get_autocast_dtype("cuda") if enabled else None)
         return token_logprobs(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "token_logprobs", spy)
+    monkeypatch.setattr(pipeline.generator, "token_logprobs", spy)  # BART: generator.py
     model = _model(toy, dropout=0.0).to(device)
     state = T.train_rag(model, cpu_baseline.examples, _cfg(steps=3), progress=False)
     assert autocast == [torch.bfloat16 if device == "cuda" else None] * 3
