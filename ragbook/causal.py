@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from .config import SMOL, SMOL_FILE, quiet_loading, resolve_model, smol_path
 from .data import Passage
-from .generator import cache_keyword, pad
+from .generator import cache_keyword, gold_logprobs, pad
 from .generator import load_generator as load_bart
 
 
@@ -196,8 +196,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     t = labels.shape[1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                    use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
-    return logits.float().log_softmax(-1).gather(-1, labels_k.unsqueeze(-1)).squeeze(-1).view(
-        batch, rows // batch, t)
+    return gold_logprobs(logits, labels_k).view(batch, rows // batch, t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +218,13 @@ class CausalSteps:
         self.model, self.eos_token_id, self.pad_token_id = model, eos_token_id, pad_token_id
         self.prompts, self.prompt_mask = input_ids, attention_mask
         self.mask = attention_mask
-        self.position = _positions(attention_mask)[:, -1]  # of the prompt's last token
+        positions = _positions(attention_mask)
+        self.position = positions[:, -1]  # of the prompt's last token
         self.keyword, self.cache = cache_keyword(model), DynamicCache()
         self.first = input_ids[:, -1]
         if input_ids.shape[1] > 1:
             model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                  position_ids=_positions(attention_mask)[:, :-1], use_cache=True,
+                  position_ids=positions[:, :-1], use_cache=True,
                   logits_to_keep=1, **{self.keyword: self.cache})
 
     def __call__(self, tokens: Tensor | None) -> Tensor:
