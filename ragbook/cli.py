@@ -92,7 +92,8 @@ def _reproduce_config(args: argparse.Namespace, **sizes):
     """reproduce's config for ``ask`` and ``reproduce``; refuses priors one model cannot serve."""
     from .reproduce import ReproduceConfig, check_priors
 
-    cfg = ReproduceConfig(training_prior=args.training_prior, retriever=args.retriever, **sizes)
+    cfg = ReproduceConfig(training_prior=args.training_prior, retriever=args.retriever,
+                          ablation_prior=getattr(args, "ablation_prior", None), **sizes)
     try:
         check_priors(cfg)
     except ValueError as e:
@@ -106,6 +107,8 @@ def _reproduce_config(args: argparse.Namespace, **sizes):
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import results_table, run
 
+    if args.ablation_prior == "none":
+        args.ablation_prior = None
     cfg = _reproduce_config(args, rag_steps=args.rag_steps, eval_questions=args.eval_questions,
                             seed=args.seed)
     _writable_dir(args.runs_dir, "--runs-dir")
@@ -142,7 +145,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise data.DataError("--index goes with --model DIR (a model from `ragbook finetune`)")
     if args.generator:
         return _ask_zero_shot(args, question)
-    cfg = _reproduce_config(args, preset=args.preset, rag_steps=args.steps)
+    cfg = _reproduce_config(args, preset=args.preset, entity_steps=args.steps)
     print("Loading the jointly trained RAG model (trained and cached on first use)…",
           file=sys.stderr)
     model = rag_model(cfg, "entity-qa", args.model)
@@ -315,9 +318,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         model, about = checkpoint_model(args.checkpoint, get_preset(args.preset))
     else:
         get_preset(args.preset)  # its checkpoints, checked before any training
-        print("Loading reproduce's jointly trained model (trained and cached on first use)…",
+        print("Loading the jointly trained entity-QA model (trained and cached on first use)…",
               file=sys.stderr)
-        model, about = reproduced_model(args.model, args.preset, args.steps, args.runs_dir)
+        model, about = reproduced_model(args.model, args.preset, args.steps)
     notes = export_rag(model, out, args.model, about)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test questions per task")
     p.add_argument("--runs-dir", default="runs", help="where run directories are written")
     _prior_options(p, defaults)
+    p.add_argument("--ablation-prior", choices=(*RETRIEVERS, "none"),
+                   default=defaults.ablation_prior, help="Table 1's ablation: RAG-Token read "
+                   f"with this prior, no retraining (default {defaults.ablation_prior})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reproduce, on_interrupt=f"models already trained stay cached; {RESUME}")
 
@@ -440,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the fine-tuned model's)")
     p.add_argument("--beams", type=count, default=1, help="beam size (default 1: greedy, as "
                    "reproduce and the paper decode open-domain QA)")
-    p.add_argument("--steps", type=count, default=defaults.rag_steps,
-                   help="joint fine-tuning steps (reproduce's model by default)")
+    p.add_argument("--steps", type=count, default=defaults.entity_steps,
+                   help="joint fine-tuning steps on entity QA")
     p.add_argument("--preset", choices=RAG_PRESETS, default="tiny",
                    help="tiny (offline, CPU) or paper (hub checkpoints, GPU)")
     p.add_argument("--generator", help="answer zero-shot (no joint training) with this "
@@ -528,13 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAG-Token (Eq. 2) or RAG-Sequence (Eq. 1)")
     p.add_argument("--out", required=True, help="directory to write the export into")
     p.add_argument("--checkpoint", help="a directory with generator/ and query_encoder/ "
-                   "(default: reproduce's jointly trained model)")
+                   "(default: the jointly trained entity-QA model of `ragbook ask`)")
     p.add_argument("--preset", choices=RAG_PRESETS, default="tiny",
                    help="the preset the model was trained with")
-    p.add_argument("--steps", type=count, default=defaults.rag_steps,
-                   help="joint fine-tuning steps (reproduce's model by default)")
-    p.add_argument("--runs-dir", default="runs",
-                   help="where reproduce's results are read for the model card")
+    p.add_argument("--steps", type=count, default=defaults.entity_steps,
+                   help="joint fine-tuning steps on entity QA")
     p.set_defaults(func=cmd_export, on_interrupt=f"nothing was exported; {RESUME}")
 
     p = sub.add_parser(

@@ -160,10 +160,11 @@ class Decoding:
 # the Thorough Decoding approach since answers are generally short. We use greedy decoding for
 # QA as we did not find beam search improved results. For Open-MSMarco and Jeopardy question
 # generation [...] We use a beam size of four, and use the Fast Decoding approach for
-# RAG-Sequence models, as Thorough Decoding did not improve performance." Entity QA is the
-# course's open-domain QA, qgen its Jeopardy question generation; fact verification decodes
-# nothing (:func:`evaluate_labels`).
+# RAG-Sequence models, as Thorough Decoding did not improve performance." Entity QA and reading
+# QA are the course's open-domain QA, qgen its Jeopardy question generation; fact verification
+# decodes nothing (:func:`evaluate_labels`).
 DECODING = {"entity-qa": Decoding(num_beams=1, method="thorough"),
+            "reading-qa": Decoding(num_beams=1, method="thorough"),
             "qgen": Decoding(num_beams=4, method="fast")}
 
 
@@ -302,11 +303,19 @@ def top1_title_baseline(model, examples: Sequence[Example]) -> float:
 
 def k_sweep(model, examples: Sequence[Example], ks: Sequence[int] = (1, 2, 5, 10, 20, 50),
             marginalization: str = "token", progress: bool = False) -> dict[str, list[float]]:
-    """The paper's Figure 3: EM and recall@k as the number of documents at test time grows."""
-    em = [evaluate_rag(model, examples, marginalization, n_docs=k, progress=progress)[0]["em"]
-          for k in ks]
+    """The paper's Figure 3: EM, F1 and recall@k as the number of documents at test time grows.
+    ``em_se`` and ``f1_se`` are each point's standard error over the questions (error bars)."""
+    sweep: dict[str, list[float]] = {"k": list(ks), "em": [], "em_se": [], "f1": [], "f1_se": []}
+    for k in ks:
+        predictions = evaluate_rag(model, examples, marginalization, n_docs=k,
+                                   progress=progress)[1]
+        for metric, scores in (("em", [float(p.em) for p in predictions]),
+                               ("f1", [f1_score(p.prediction, p.answers) for p in predictions])):
+            sweep[metric].append(float(np.mean(scores)))
+            sweep[f"{metric}_se"].append(float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
+                                         if len(scores) > 1 else 0.0)
     recall = retrieval_recall(model, examples, ks)
-    return {"k": list(ks), "em": em, "recall": [recall[k] for k in ks]}
+    return {**sweep, "recall": [recall[k] for k in ks]}
 
 
 def edit_facts(examples: Sequence[Example], n: int, seed: int = 0,
@@ -382,24 +391,35 @@ def span_kind(span: str) -> str:
 
 
 def edit_spans(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
-    """Pick ``n`` reading-QA facts, one per article, and give each a new answer of its kind:
-    the chosen spans are passed round a cycle within each kind (a year becomes another fact's
-    year, a name another fact's name), so every new answer is a real span of its kind that only
-    the passage can confirm — though a name from another sentence can read oddly in this one
-    (benchmarks/README.md, "Hot-swap as the paper means it"). Returns question → new span; a
-    fact whose cycle would give it back its own span is left out."""
+    """Pick ``n`` reading-QA facts, one per article, and give each a new answer of the old
+    one's kind and shape, as a newer Wikipedia states a newer figure: a year moves by 1 to 30
+    years, a number gets another leading digit (its last, when it leads with 0), and a name
+    becomes another chosen fact's name of as many words (a cycle among them). Every new answer
+    fits the sentence it goes into, so only the passage can tell which is right. Returns
+    question → new span; a name alone of its length among the chosen is left out."""
     import random
 
     first = {}
     for e in examples:
         first.setdefault(e.article, e)
-    chosen = random.Random(f"span-swap/{seed}").sample(sorted(first), min(n, len(first)))
-    by_kind: dict[str, list[Example]] = {}
-    for article in chosen:
-        e = first[article]
-        by_kind.setdefault(span_kind(e.answers[0]), []).append(e)
-    edits = {}
-    for group in by_kind.values():
+    rng = random.Random(f"span-swap/{seed}")
+    chosen = [first[a] for a in rng.sample(sorted(first), min(n, len(first)))]
+    edits, names = {}, {}
+    for e in chosen:
+        span, kind = e.answers[0], span_kind(e.answers[0])
+        if kind == "date":
+            year = int(span)
+            edits[e.question] = str(year + rng.choice(
+                [d for d in range(-30, 31) if d and 1000 <= year + d <= 2099]))
+        elif kind == "number":
+            digits = [i for i, c in enumerate(span) if c.isdigit()]
+            at = digits[0] if span[digits[0]] != "0" else digits[-1]
+            other = rng.choice([d for d in ("123456789" if at == digits[0] and len(digits) > 1
+                                            else "0123456789") if d != span[at]])
+            edits[e.question] = span[:at] + other + span[at + 1:]
+        else:
+            names.setdefault(len(span.split()), []).append(e)
+    for group in names.values():
         for e, new in zip(group, group[1:] + group[:1]):
             if normalize_answer(new.answers[0]) != normalize_answer(e.answers[0]):
                 edits[e.question] = new.answers[0]

@@ -203,7 +203,7 @@ def model_card(facts: dict) -> str:
     lines += ["", "## Results", ""]
     results = facts.get("results")
     lines += ([f"- {k}: {v}" for k, v in results.items()] if results else
-              ["No evaluation was recorded with this model; `ragbook reproduce` measures one."])
+              ["No evaluation was recorded with this model."])
     lines += ["", "## Loading it", "", "```python",
               "from transformers import AutoTokenizer, BartForConditionalGeneration",
               'generator = BartForConditionalGeneration.from_pretrained("generator")',
@@ -273,51 +273,27 @@ def import_rag(path: str | Path, out: str | Path, **overrides) -> tuple[Preset, 
 
 
 def reproduced_model(marginalization: str, preset: str = "tiny", steps: int | None = None,
-                     runs_dir: str | Path = "runs", seed: int = 0) -> tuple[RagModel, dict]:
-    """reproduce's jointly trained entity-QA model (trained and cached on first use) with the
-    dense prior it was trained with — the part transformers' RAG can express — and what the
-    card says about it: the training recipe and, when ``runs_dir/latest`` is a run of the same
-    configuration, the figures that run measured."""
+                     seed: int = 0) -> tuple[RagModel, dict]:
+    """The jointly trained entity-QA model that ``ragbook ask`` answers with (trained and
+    cached on first use) with the dense prior it was trained with — the part transformers'
+    RAG can express — and what the card says about it: the training recipe."""
     from dataclasses import asdict
 
     from .reproduce import ReproduceConfig, rag_model
     from .train import RagTrainConfig
 
     defaults = ReproduceConfig()
-    cfg = ReproduceConfig(preset=preset, rag_steps=steps or defaults.rag_steps, seed=seed,
+    cfg = ReproduceConfig(preset=preset, entity_steps=steps or defaults.entity_steps, seed=seed,
                           training_prior="dense", retriever="dense")
     model = rag_model(cfg, "entity-qa", marginalization)
-    train = RagTrainConfig(marginalization=marginalization, steps=cfg.rag_steps,
+    train = RagTrainConfig(marginalization=marginalization, steps=cfg.entity_steps,
                            n_docs=model.preset.n_docs, seed=seed)
     trained = {"task": "entity-qa, the built-in Wikipedia vital-articles task (train split)",
                "corpus": f"{len(model.index.passages):,} built-in passages",
                "prior during training": "dense (the paper's)",
                **{k.replace("_", " "): v for k, v in asdict(train).items()
                   if k not in ("checkpoint_every", "marginalization")}}
-    return model, {"trained": trained,
-                   "results": _reproduced_results(Path(runs_dir), cfg, marginalization)}
-
-
-def _reproduced_results(runs_dir: Path, cfg, marginalization: str) -> dict:
-    """The figures of ``runs_dir/latest/results.json`` for this model, if that run trained it."""
-    path = runs_dir / "latest" / "results.json"
-    if not path.is_file():
-        return {}
-    run = json.loads(path.read_text())
-    config = run.get("config", {})
-    same = all(config.get(k) == getattr(cfg, k) for k in ("preset", "rag_steps", "seed",
-                                                          "training_prior"))
-    if not same or "entity_qa" not in run:
-        return {}
-    n, prior = config.get("eval_questions"), config.get("retriever")
-    results = {f"entity-QA exact match ({n} test questions, read with the {prior} prior; "
-               f"{path.parent.resolve().name})":
-               run["entity_qa"][f"rag_{marginalization}"]["em"]}
-    if marginalization == "token" and "finetuned" in run.get("retrieval", {}):
-        recall = run["retrieval"]["finetuned"]
-        results["retrieval recall@1/5/20, dense prior with this BERT_q"] = " / ".join(
-            f"{recall[f'recall@{k}']:.3f}" for k in (1, 5, 20))
-    return results
+    return model, {"trained": trained}
 
 
 def checkpoint_model(directory: str | Path, preset: Preset) -> tuple[RagModel, dict]:

@@ -182,18 +182,20 @@ def plot_recall_curves(curves: Mapping[str, Mapping[int, float]],
 @styled
 def plot_k_sweep(sweep: Mapping[str, Sequence[float]],
                  em: Mapping[str, Sequence[float]] | None = None,
-                 title: str = "more documents: recall rises, EM need not") -> Figure:
+                 title: str = "more documents: recall rises, EM need not",
+                 errors: Mapping[str, Sequence[float]] | None = None,
+                 ylabel: str = "recall@k / exact match") -> Figure:
     """The paper's Figure 3 (left and centre): exact match and retrieval recall as the number
-    of documents k retrieved at test time grows. ``em`` names the EM curves to draw (default:
-    ``sweep["em"]`` as "exact match")."""
+    of documents k retrieved at test time grows. ``em`` names the score curves to draw (default:
+    ``sweep["em"]`` as "exact match"); ``errors`` gives a curve its error bars, by name."""
     fig, ax = plt.subplots()
     ax.plot(sweep["k"], sweep["recall"], marker="o", color="0.35",
             label="recall@k (a passage of the answer's article retrieved)")
     for (name, values), marker in zip((em or {"exact match": sweep["em"]}).items(), "s^vD"):
-        ax.plot(sweep["k"], values, marker=marker, label=name)
+        ax.errorbar(sweep["k"], values, yerr=(errors or {}).get(name), marker=marker,
+                    capsize=3, label=name)
     log_axis(ax, sweep["k"])
-    ax.set(xlabel="k, documents retrieved at test time", ylabel="recall@k / exact match",
-           ylim=(0, 1))
+    ax.set(xlabel="k, documents retrieved at test time", ylabel=ylabel, ylim=(0, 1))
     set_title(ax, title)
     ax.legend()
     ax.grid(True)

@@ -659,24 +659,31 @@ def test_hot_swap_serves_the_edited_index_then_restores_the_original(toy, monkey
     assert not torch.allclose(swapped_vectors[changed], vectors[changed])
 
 
-def test_span_edits_stay_within_their_kind_and_change_only_their_article():
+def test_span_edits_keep_the_kind_and_shape_of_their_span_and_change_only_their_article():
     facts = [Example("founded in _____ by", ["1990"], "A"), Example("born in _____", ["1802"], "B"),
              Example("a height of _____ metres", ["8,849"], "C"),
-             Example("about _____ people", ["12"], "D"), Example("led by _____", ["Ada King"], "E"),
-             Example("won by _____", ["Tom Lee"], "F"), Example("again in _____", ["1990"], "A")]
+             Example("about _____ people", ["0.2"], "D"),
+             Example("led by _____", ["Ada King"], "E"),
+             Example("won by _____", ["Tom Lee"], "F"), Example("named _____", ["Zoe"], "G"),
+             Example("again in _____", ["1990"], "A")]
     edits = edit_spans(facts, 10, seed=0)
-    assert edits == edit_spans(facts, 10, seed=0)
-    assert len(edits) == 6 and facts[-1].question not in edits  # one fact per article
-    kinds = {"1990": "date", "1802": "date", "8,849": "number", "12": "number",
-             "Ada King": "name", "Tom Lee": "name"}
-    for e in facts[:6]:
-        new = edits[e.question]
-        assert new != e.answers[0] and kinds[new] == kinds[e.answers[0]]
+    assert edits == edit_spans(facts, 10, seed=0) != edit_spans(facts, 10, seed=1)
+    assert set(edits) == {e.question for e in facts[:6]}  # one fact per article; Zoe alone
+    old = {e.question: e.answers[0] for e in facts}
+    for question in ("founded in _____ by", "born in _____"):  # a year for a nearby year
+        assert 0 < abs(int(edits[question]) - int(old[question])) <= 30
+    for question in ("a height of _____ metres", "about _____ people"):  # one digit changed
+        new, was = edits[question], old[question]
+        assert len(new) == len(was) and sum(a != b for a, b in zip(new, was)) == 1
+        assert new[0] != "0" or was[0] == "0"
+        assert [c for c in new if not c.isdigit()] == [c for c in was if not c.isdigit()]
+    assert edits["led by _____"] == "Tom Lee" and edits["won by _____"] == "Ada King"
     corpus = [Passage("A::0", "A", "A was founded in 1990 by B; 19901 is a number."),
               Passage("B::0", "B", "B was born in 1802 and 1990.")]
     edited = span_edited_corpus(corpus, facts[:2], edits)
-    assert edited[0].text == "A was founded in 1802 by B; 19901 is a number."
-    assert edited[1].text == "B was born in 1990 and 1990."  # only its own span, 1802
+    assert edited[0].text == f"A was founded in {edits['founded in _____ by']} by B; 19901 is a " \
+        "number."
+    assert edited[1].text == f"B was born in {edits['born in _____']} and 1990."  # its own span
     assert edited[0].id == "A::0" and span_edited_corpus(corpus, [], {}) == corpus
 
 

@@ -3,7 +3,6 @@ results table of a run recorded before the training prior was a setting, and how
 decoded (on the toy world of test_pipeline, whose models stand in for trained ones)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import test_pipeline as tp  # the toy world: a tiny BERT, BART and index built by the tests
@@ -12,18 +11,22 @@ from ragbook import cli, rag, reproduce
 from ragbook import train as T
 from ragbook.data import Example
 from ragbook.pipeline import RagModel
-from ragbook.reproduce import ReproduceConfig, check_priors, results_table
+from ragbook.reproduce import ReproduceConfig, check_priors
 
 toy = tp.toy  # its fixture, used here too
-
-RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "reproduce_tinybart10k.json"
 
 
 @pytest.mark.parametrize("training_prior, retriever", [
     ("dense", "hybrid"), ("hybrid", "dense"), ("dense", "dense"), ("hybrid", "hybrid"),
     ("bm25", "bm25")])
 def test_one_model_serves_these_pairs_of_priors(training_prior, retriever):
-    check_priors(ReproduceConfig(training_prior=training_prior, retriever=retriever))
+    check_priors(ReproduceConfig(training_prior=training_prior, retriever=retriever,
+                                 ablation_prior=None if training_prior == "bm25" else "dense"))
+
+
+def test_a_model_trained_with_bm25_has_no_hybrid_ablation():
+    with pytest.raises(ValueError, match="cannot be read with the hybrid prior"):
+        check_priors(ReproduceConfig(training_prior="bm25", retriever="bm25"))
 
 
 @pytest.mark.parametrize("training_prior, retriever", [("bm25", "hybrid"), ("dense", "bm25")])
@@ -44,19 +47,15 @@ def test_the_cli_refuses_an_impossible_pair_of_priors_before_any_work(capsys):
     assert "BM25 alone uses no query encoder" in capsys.readouterr().err
 
 
-def test_a_run_recorded_before_the_training_prior_existed_still_renders():
-    table = results_table(json.loads(RECORDED.read_text()))  # trained and read with hybrid
-    assert "| | RAG-Token (hybrid prior) | 58.0 |" in table
-    assert "BERT_q trained jointly with the hybrid prior | 38.5 / 63.7 / 81.0" in table
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
-    """Every answer `reproduce` decodes — closed-book BART's and both RAG models', entity QA
+    """Every answer `reproduce` decodes — closed-book BART's and both RAG models', reading QA
     and question generation — uses the beams, RAG-Sequence method and answer length that
     results.json records for its task (the paper's Appendix A); verification decodes nothing."""
     towns = {e.article for e in tp.EXAMPLES}
-    tasks = {"entity-qa": tp.EXAMPLES,
+    reading = [Example(f"A town: the home of the _____ {tp.ANIMALS[i]}.", [tp.COLOURS[i]], town)
+               for i, town in enumerate(tp.TOWNS)]
+    tasks = {"reading-qa": reading,
              "qgen": [Example(t, [f"a town called {t}"], t) for t in sorted(towns)],
              "verify": [Example(f"{e.article}: {e.question}", ["SUPPORTS"], e.article)
                         for e in tp.EXAMPLES]}
@@ -67,18 +66,18 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
 
         def decode(model, tokenizer, input_ids, attention_mask, doc_scores, **kwargs):
             text = tokenizer.decode(input_ids[0], skip_special_tokens=True)
-            task = ("verify" if ": " in text else "entity-qa" if "Which town" in text
+            task = ("reading-qa" if "_____" in text else "verify" if ": " in text
                     else "qgen")
-            calls.append({"task": task, "closed_book": doc_scores.shape[1] == 1,
-                          "decoder": name, **kwargs})
+            calls.append({"task": task, "closed_book": " // " not in text,
+                          "docs": doc_scores.shape[1], "decoder": name, **kwargs})
             return decoder(model, tokenizer, input_ids, attention_mask, doc_scores, **kwargs)
         return decode
 
     for name in ("rag_token_generate", "rag_sequence_generate"):
         monkeypatch.setattr(rag, name, spy(name))
-    monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0: toy.preset)
+    monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0, **sizes: toy.preset)
+    monkeypatch.setattr(reproduce, "load_corpus", lambda: tp.CORPUS)
     monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0: tasks[task])
-    monkeypatch.setattr(reproduce, "article_topics", dict)
 
     def from_preset(preset, retriever="dense", **parts):
         return tp._model(toy, retriever).eval()
@@ -100,36 +99,46 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
         return evaluate_labels(model, *args, **kwargs)
 
     monkeypatch.setattr(reproduce.ev, "evaluate_labels", spy_labels)
-    cfg = ReproduceConfig(eval_questions=4, sweep_questions=2, sweep_ks=(1,), hot_swap_facts=2)
+    cfg = ReproduceConfig(eval_questions=4, sweep_questions=2, sweep_ks=(2,), hot_swap_facts=2)
     results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
 
     run = tmp_path / "latest"
     recorded = results["decoding"]
     assert recorded == json.loads((run / "results.json").read_text())["decoding"]
-    assert recorded["entity-qa"] == {"num_beams": 1, "method": "thorough"}  # Appendix A
+    assert recorded["reading-qa"] == {"num_beams": 1, "method": "thorough"}  # Appendix A
     assert recorded["qgen"] == {"num_beams": 4, "method": "fast"}
     seen = {(c["task"], c["closed_book"], c["decoder"]) for c in calls}
-    assert {("entity-qa", True, "rag_token_generate"), ("qgen", True, "rag_token_generate"),
-            ("entity-qa", False, "rag_sequence_generate"), ("qgen", False, "rag_token_generate"),
-            ("entity-qa", False, "rag_token_generate")} == seen  # nothing decodes a claim
+    assert {("reading-qa", True, "rag_token_generate"), ("qgen", True, "rag_token_generate"),
+            ("reading-qa", False, "rag_sequence_generate"), ("qgen", False, "rag_token_generate"),
+            ("reading-qa", False, "rag_token_generate")} == seen  # nothing decodes a claim
+    # Table 1's RAG models read k documents; beside them RAG-Token reads its top-1 alone
+    assert {c["docs"] for c in calls if c["task"] == "reading-qa" and not c["closed_book"]} \
+        == {1, 2, toy.preset.n_docs}  # 2: the k sweep
     for c in calls:
         assert c["num_beams"] == recorded[c["task"]]["num_beams"]
         if c["decoder"] == "rag_sequence_generate":
             assert c["method"] == recorded[c["task"]]["method"]
     assert len({c["max_length"] for c in calls}) == 1  # closed-book answers as long as RAG's
     assert recorded["verify"] == {"scored_labels": ["SUPPORTS", "REFUTES"]}
-    assert set(results["verify"]["rag"]) == {"accuracy", "n"}
+    assert set(results["verify"]["rag"]) == {"accuracy", "n", "predicted"}
+    assert sum(results["verify"]["rag"]["predicted"].values()) == 4  # what each claim was called
     # the verifier reads with the prior it was trained with (dense), not the hybrid one
     assert [m.bm25 is None for m in labelled] == [True, True]
     assert labelled[1].index is not None  # RAG, not the closed-book model
     # per-question scores for the paired findings, one per test question of each task
     hits = json.loads((run / "results.json").read_text())["hits"]
-    assert {len(v) for v in hits["em"].values()} == {4} and len(hits["verify"]["rag"]) == 4
+    assert set(hits["f1"]) == {"closed_book", "rag_sequence", "rag_token", "top1_only",
+                               "rag_token_ablation", "reader_gold"}
+    assert {len(v) for v in [*hits["em"].values(), *hits["f1"].values()]} == {4}
+    assert len(hits["verify"]["rag"]) == 4
     assert set(hits["recall@1"]) == {"frozen", "bm25", "hybrid_frozen", "finetuned", "hybrid"}
     assert "## What this run shows" in (run / "results.md").read_text()
     assert "| | RAG (dense prior) |" in (run / "results.md").read_text()
-    assert "entity QA greedy, RAG-Sequence Thorough; question generation 4 beams, " \
-        "RAG-Sequence Fast" in (run / "results.md").read_text()
+    table = (run / "results.md").read_text()
+    assert "reading QA greedy, RAG-Sequence Thorough; question generation 4 beams, " \
+        "RAG-Sequence Fast" in table
+    assert "| | RAG-Token read with the hybrid prior (ablation, no retraining) |" in table
+    assert "| F1 by k at test time (Figure 3) | RAG-Token | k=2: " in table
 
 
 def _run_with(**em) -> dict:
