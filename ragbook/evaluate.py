@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import SALIENT_SPANS, Example, Passage
+from .data import BLANK, SALIENT_SPANS, Example, Passage
 from .pipeline import Prediction, RagModel, Retrieved, exact_match, normalize_answer
 
 
@@ -288,6 +288,37 @@ def retrieval_recall(model, examples: Sequence[Example], ks: Sequence[int] = (1,
                      batch_size: int = 64) -> dict[int, float]:
     """recall@k of a model's retriever (dense with its current query encoder, or BM25)."""
     return recall_at_k(retrieved_passages(model, examples, max(ks), batch_size), examples, ks)
+
+
+def extract_span(passage: Passage, question: str, max_words: int = 6) -> str | None:
+    """A reader by rule, for retrieve-and-extract: the span of ``passage`` between the words a
+    reading question keeps around its blank (:func:`ragbook.data.reading_question`), matched
+    with the nearest 3, then 2, then 1 word on each side (the question says "it" where the
+    passage names its title). At most ``max_words`` words; None if no place fits."""
+    left, _, right = question.split(": ", 1)[-1].partition(BLANK)
+    before, after = left.split(), right.split()
+    for n in (3, 2, 1):
+        pattern = (r"\s+".join(map(re.escape, before[-n:])) + r"\s*"
+                   + rf"(\S+(?:\s+\S+){{0,{max_words - 1}}}?)"
+                   + (r"\s*" + r"\s+".join(map(re.escape, after[:n])) if after else r"[.;]?$"))
+        found = re.search(pattern, passage.text)
+        if found:
+            return found.group(1)
+    return None
+
+
+def extracted_answers(model, examples: Sequence[Example], k: int) -> list[Prediction]:
+    """Retrieve-and-extract, the paper's other open-book family (REALM, DPR: Table 1): the
+    answer is a span read out of the first of the top ``k`` passages where
+    :func:`extract_span` finds one ("" where none does); the provenance is that passage."""
+    predictions = []
+    for passages, e in zip(retrieved_passages(model, examples, k), examples):
+        found = next(((p, span) for p in passages
+                      if (span := extract_span(p, e.question)) is not None), None)
+        predictions.append(Prediction(e.question, found[1] if found else "", list(e.answers),
+                                      [{"id": found[0].id, "title": found[0].title}]
+                                      if found else []))
+    return predictions
 
 
 def top1_title_hits(model, examples: Sequence[Example]) -> np.ndarray:

@@ -32,6 +32,8 @@ from ragbook.evaluate import (
     edit_spans,
     edited_corpus,
     evaluate_rag,
+    extract_span,
+    extracted_answers,
     f1_score,
     hot_swap,
     k_sweep,
@@ -687,6 +689,26 @@ def test_span_edits_keep_the_kind_and_shape_of_their_span_and_change_only_their_
     assert edited[0].id == "A::0" and span_edited_corpus(corpus, [], {}) == corpus
 
 
+def test_the_extracting_reader_reads_the_span_between_the_words_around_the_blank():
+    p = Passage("H::0", "Hagia Sophia", "Hagia Sophia is a mosque. It was a church (360–1453) "
+                "and a museum. Power was seized in 1933, through an appointment.")
+    assert extract_span(p, "Mosque: It was a church (_____–1453) and a") == "360"
+    assert extract_span(p, "Mosque: was seized in _____, through an") == "1933"
+    assert extract_span(p, "Mosque: it is a _____.") == "mosque"  # "it" stands for the title
+    assert extract_span(p, "Mosque: a museum in _____ and") is None
+
+
+def test_retrieve_and_extract_answers_from_the_first_passage_that_fits(toy):
+    model = _model(toy)
+    reading = [Example(f"A town: the home of the _____ {ANIMALS[i]}.", [COLOURS[i]], town)
+               for i, town in enumerate(TOWNS)]
+    predictions = extracted_answers(model, reading, len(CORPUS))  # every passage: each fits once
+    assert [p.prediction for p in predictions] == COLOURS
+    assert [p.provenance[0]["title"] for p in predictions] == TOWNS
+    assert extracted_answers(model, [Example("A town: the _____ unicorn.", ["x"])], 3)[0] \
+        .prediction == ""
+
+
 def test_a_reading_hot_swap_serves_passages_stating_other_spans(toy, monkeypatch):
     """With a reader that copies the word before the asked animal from the passage naming it,
     the answer follows the served index: each edited colour is read after the swap, and the
@@ -817,24 +839,31 @@ def test_reproduce_runs_every_experiment_and_writes_its_run_directory(toy, monke
         model.history = [(1, 2.0), (2, 1.0)]
         return model
 
-    monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0: toy.preset)
-    monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0: EXAMPLES)
-    monkeypatch.setattr(reproduce, "article_topics", dict)
+    reading = [Example(f"A town: the home of the _____ {ANIMALS[i]}.", [COLOURS[i]], town)
+               for i, town in enumerate(TOWNS)]
+    monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0, **sizes: toy.preset)
+    monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0:
+                        reading if task == "reading-qa" else EXAMPLES)
+    monkeypatch.setattr(reproduce, "load_corpus", lambda: CORPUS)
     monkeypatch.setattr(RagModel, "from_preset", staticmethod(from_preset))
     monkeypatch.setattr(T, "trained_rag", trained_rag)
     monkeypatch.setattr(T, "trained_closed_book",
                         lambda preset, task, steps, progress: (toy.generator, toy.tokenizer))
     cfg = reproduce.ReproduceConfig(eval_questions=6, sweep_questions=4, sweep_ks=(1, 2),
-                                    hot_swap_facts=2)
+                                    hot_swap_facts=2, retriever="hybrid", ablation_prior="dense")
     results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
 
-    assert results["recall_questions"] == len(EXAMPLES)  # recall: the whole split
+    assert results["recall_questions"] == len(reading)  # recall: the whole split
     for key in ("frozen", "finetuned", "bm25", "hybrid_frozen", "hybrid"):
         assert set(results["retrieval"][key]) == {"recall@1", "recall@5", "recall@20"}
-    assert all(0 <= results["entity_qa"][m]["em"] <= 1
-               for m in ("closed_book", "rag_sequence", "rag_token"))
+    assert all(0 <= results["reading_qa"][m][score] <= 1 for score in ("em", "f1")
+               for m in ("closed_book", "rag_sequence", "rag_token", "top1_only", "extract",
+                         "rag_token_ablation", "reader_gold"))
+    assert results["reading_qa"]["extract"]["f1"] > 0  # the rule reads the toy colours
     assert {"bleu1"} == set(results["qgen"]["rag_token"]) and "accuracy" in results["verify"]["rag"]
-    assert results["k_sweep"]["k"] == [1, 2] and "followed" in results["hot_swap"]
+    for sweep in results["k_sweep"].values():
+        assert sweep["k"] == [1, 2] and len(sweep["f1_se"]) == 2
+    assert "followed" in results["hot_swap"]
     run = tmp_path / "latest"
     assert (run / "results.json").exists() and (run / "k_sweep.png").exists()
     table = (run / "results.md").read_text()
