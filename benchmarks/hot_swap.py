@@ -1,8 +1,9 @@
 """Index hot-swap: how often each RAG model follows the edited index, and where it misses.
 
-Runs `evaluate.hot_swap` on the two RAG models that `ragbook reproduce` trains (loaded from the
-cache, or trained once), each decoded with its own marginalization, on reproduce's 400 sampled
-test questions, for several draws of edited facts. A miss is read from the provenance of the
+Runs `evaluate.hot_swap` on the two entity-QA RAG models of `ragbook ask` (250 joint steps,
+loaded from the cache, or trained once), each decoded with its own marginalization, on 400
+sampled entity-QA test questions, for several draws of renamed articles (reading QA's span
+hot-swap is `ragbook reproduce`'s). A miss is read from the provenance of the
 wrong answer: the edited passage not retrieved at all, retrieved but outranked by another
 passage, or ranked first and miscopied.
 

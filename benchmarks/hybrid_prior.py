@@ -5,10 +5,10 @@ pick w.
 
 - default: retrieval recall@1/5/20 of the untrained MiniLM query encoder (the prior RAG starts
   from) beside BM25 alone; w = 0 is the dense retriever.
-- ``--trained``: the two RAG models `ragbook reproduce` trains (dense prior, loaded from the
-  cache or trained once) read with each w: Exact Match of both on 400 sampled dev questions,
-  the recall of RAG-Token's prior, and the index hot-swap of RAG-Token on the same questions
-  (``evaluate.hot_swap``: the share of edited facts answered with the new name).
+- ``--trained``: the two entity-QA RAG models of `ragbook ask` (dense prior, 250 steps,
+  loaded from the cache or trained once) read with each w: Exact Match of both on 400 sampled
+  dev questions, the recall of RAG-Token's prior, and the index hot-swap of RAG-Token on the
+  same questions (``evaluate.hot_swap``: the share of edited facts answered with the new name).
 
     python benchmarks/hybrid_prior.py [--weights 0 0.25 0.5 1 2 4] [--out results/...json]
     python benchmarks/hybrid_prior.py --trained --weights 0.5 1 2 4 8
@@ -53,7 +53,7 @@ def untrained(dev: list, weights: list[float]) -> dict:
 
 
 def trained(dev: list, weights: list[float], questions: int, facts: int) -> dict:
-    cfg = ReproduceConfig()  # the dense prior in training, the hybrid one at test
+    cfg = ReproduceConfig(retriever="hybrid")  # the dense prior in training, hybrid at test
     sample = random.Random(f"dev/{cfg.seed}").sample(dev, questions)
     bm25 = BM25Retriever(load_corpus())  # one BM25 index for both models
     models = {m: rag_model(cfg, "entity-qa", m, bm25=bm25) for m in ("token", "sequence")}
@@ -72,8 +72,8 @@ def trained(dev: list, weights: list[float], questions: int, facts: int) -> dict
               f"{row['em_rag_sequence']:.3f}  hot-swap followed {swap['followed']:.2f}  "
               + "  ".join(f"R@{k} {row['recall_rag_token'][k]:.3f}" for k in KS), flush=True)
     return {"split": "dev", "em_questions": len(sample), "recall_questions": len(dev),
-            "hot_swap_facts": facts, "models": "reproduce's RAG-Token and RAG-Sequence "
-            f"({cfg.rag_steps} steps, trained with the {cfg.training_prior} prior)",
+            "hot_swap_facts": facts, "models": "the entity-QA RAG-Token and RAG-Sequence "
+            f"({cfg.entity_steps} steps, trained with the {cfg.training_prior} prior)",
             "rows": rows}
 
 
