@@ -422,7 +422,7 @@ def findings(r: dict) -> list[str]:
             f"{mark('rag_token', 'extract')} **Generating vs extracting** (Table 1): RAG-Token "
             f"F1 {score('rag_token')} against retrieve-and-extract's {score('extract')} over the "
             f"same passages ({diff('rag_token', 'extract')}); the paper: RAG-Sequence "
-            f"{PAPER['rag_sequence']} against DPR's extractive reader, {PAPER['extract']} EM "
+            f"{PAPER['rag_sequence']} against an extractive reader's {PAPER['extract']} EM "
             "on NQ.")
         out.append(f"**The reader's bound**: RAG-Token's generator given each question's gold "
                    f"passage scores F1 {score('reader_gold')}; RAG-Token reaches "
