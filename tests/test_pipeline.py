@@ -562,12 +562,17 @@ def test_evaluate_rag_scores_the_answers(toy):
 # --------------------------------------------------------------------------- experiments
 
 
-def test_k_sweep_reports_em_and_recall_for_every_k(toy):
-    result = k_sweep(_model(toy), EXAMPLES[:4], ks=(1, 3, 50), marginalization="sequence")
-    assert set(result) == {"k", "em", "recall"} and result["k"] == [1, 3, 50]
-    assert len(result["em"]) == len(result["recall"]) == 3
-    assert all(0 <= v <= 1 for v in result["em"] + result["recall"])
+def test_k_sweep_reports_em_f1_their_errors_and_recall_for_every_k(toy):
+    model = _model(toy)
+    result = k_sweep(model, EXAMPLES[:4], ks=(1, 3, 50), marginalization="sequence")
+    assert set(result) == {"k", "em", "em_se", "f1", "f1_se", "recall"}
+    assert result["k"] == [1, 3, 50] and all(len(v) == 3 for v in result.values())
+    assert all(0 <= v <= 1 for v in result["em"] + result["f1"] + result["recall"])
     assert result["recall"] == sorted(result["recall"])
+    predictions = evaluate_rag(model, EXAMPLES[:4], "sequence", n_docs=3)[1]
+    f1 = [f1_score(p.prediction, p.answers) for p in predictions]
+    assert result["f1"][1] == pytest.approx(np.mean(f1))  # the standard error of that mean
+    assert result["f1_se"][1] == pytest.approx(np.std(f1, ddof=1) / 2)
     assert result["recall"][-1] == 1.0  # k beyond the corpus: every passage is retrieved
 
 
