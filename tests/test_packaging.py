@@ -70,32 +70,42 @@ def test_results_table_puts_ours_beside_the_paper_in_percent():
     from ragbook.reproduce import PAPER, results_table
 
     rec = {"recall@1": 0.5, "recall@5": 0.8, "recall@20": 0.9}
+    models = ("closed_book", "rag_sequence", "rag_token", "top1_only", "extract", "reader_gold")
+    f1 = dict(zip(models, (0.05, 0.4, 0.45, 0.42, 0.7, 0.6)))
+    hits = {name: [1.0] * round(100 * v) + [0.0] * (100 - round(100 * v))
+            for name, v in f1.items()}
+    sweep = {"k": [1, 5], "f1": [0.3, 0.45], "f1_se": [0.04, 0.05], "recall": [0.5, 0.8]}
     results = {
-        "entity_qa": {"closed_book": {"em": 0.01}, "rag_sequence": {"em": 0.4},
-                      "rag_token": {"em": 0.45}},
-        "baselines": {"top1_title_em": 0.38, "top1_title_em_finetuned": 0.45},
+        "config": {"training_prior": "dense", "retriever": "dense", "verify_prior": None,
+                   "ablation_prior": None},
+        "reading_qa": {name: {"f1": v, "em": v} for name, v in f1.items()},
         "qgen": {"bart": {"bleu1": 0.1}, "rag_token": {"bleu1": 0.2}},
-        "verify": {"bart": {"accuracy": 0.5}, "rag": {"accuracy": 0.6}},
-        "retrieval": {"bm25": rec, "frozen": rec, "finetuned": rec},
-        "hot_swap": {"facts": 10, "followed": 0.9},
-        "k_sweep": {"k": [1, 5], "em": [0.3, 0.45], "recall": [0.5, 0.8]},
-        "seconds": 12.0,
+        "verify": {name: {"accuracy": 0.5, "n": 4, "predicted": {"SUPPORTS": 3, "REFUTES": 1}}
+                   for name in ("bart", "rag")},
+        "retrieval": {"bm25": rec, "frozen": rec, "finetuned": rec}, "recall_questions": 701,
+        "n_docs": 5, "hot_swap": {"facts": 10, "followed": 0.9, "kept": 1.0},
+        "k_sweep": {"rag_token": sweep, "rag_sequence": sweep}, "seconds": 12.0,
+        "decoding": {"reading-qa": {"num_beams": 1, "method": "thorough"},
+                     "qgen": {"num_beams": 4, "method": "fast"},
+                     "verify": {"scored_labels": ["SUPPORTS", "REFUTES"]}},
+        "hits": {"em": hits, "f1": hits},
     }
     table = results_table(results)
-    assert f"| | RAG-Token (dense prior) | 45.0 | {PAPER['rag_token']} |" in table
-    assert "| 50.0 / 80.0 / 90.0 |" in table and "k=5: 45.0" in table
-    assert "dense prior with RAG-Token's BERT_q (no generator) | 45.0 |" in table  # beside RAG's EM
-    assert "hybrid" not in table
+    assert f"| | RAG-Token (dense prior) | 45.0 / 45.0 | {PAPER['rag_token']} |" in table
+    assert f"| 70.0 / 70.0 | {PAPER['extract']} |" in table  # retrieve-and-extract
+    assert "| 50.0 / 80.0 / 90.0 |" in table and "k=5: 45.0 ± 5.0" in table
+    assert "| 50.0 (said: 75.0% SUPPORTS, 25.0% REFUTES) | 81.1 |" in table
+    assert "| 90.0 / 100.0 |" in table  # hot-swap: followed / back with the old index
+    assert "hybrid" not in table and "ablation" not in table  # no ablation prior asked for
 
-    # trained with the paper's dense prior, read with the product of experts
-    results["config"] = {"training_prior": "dense", "retriever": "hybrid"}
-    results["retrieval"]["hybrid"] = {"recall@1": 0.6, "recall@5": 0.85, "recall@20": 0.95}
-    results["recall_questions"] = 976
+    # the ablation: the same RAG-Token read with the product of experts
+    results["config"]["ablation_prior"] = "hybrid"
+    results["reading_qa"]["rag_token_ablation"] = {"f1": 0.5, "em": 0.48}
+    results["hits"]["f1"]["rag_token_ablation"] = [1.0] * 50 + [0.0] * 50
     table = results_table(results)
-    assert ("| | RAG-Sequence (trained with the dense prior, read with the hybrid one) | 40.0 |"
-            in table)
-    assert ("(Figure 3, centre, 976 test questions) | hybrid (dense × BM25), BERT_q trained "
-            "jointly with the dense prior | 60.0 / 85.0 / 95.0 |") in table
+    assert "| | RAG-Token read with the hybrid prior (ablation, no retraining) | 50.0 / 48.0 |" \
+        in table
+    assert "**The prior, ablated**" in table
 
 
 def test_eval_command_scores_a_predictions_file(tmp_path, capsys):
