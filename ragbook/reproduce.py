@@ -1,7 +1,9 @@
 """`ragbook reproduce`: the whole pipeline in the tiny preset, the paper's findings at course scale.
 
 Data → retriever → index → generator → closed-book and both RAG models → every experiment of
-``evaluate``, each task decoded as the paper's Appendix A says (``evaluate.DECODING``: greedy
+``evaluate``: Table 1 on reading QA (span answers, as NQ's are) with the paper's dense prior,
+beside reading the top-1 passage alone, retrieve-and-extract and the hybrid prior as an
+ablation; Table 2; Figure 3; the index hot-swap. Each task is decoded as the paper's Appendix A says (``evaluate.DECODING``: greedy
 for QA, four beams for question generation), the closed-book baseline exactly as the RAG models
 it is compared with, and fact verification classified by the likelier label. Every trained
 model is a cached artifact, so a second run only evaluates. The run directory
@@ -23,7 +25,7 @@ import numpy as np
 from . import evaluate as ev
 from .artifacts import atomic_write_bytes
 from .config import RETRIEVERS, get_preset
-from .data import LABELS, load_corpus, load_task
+from .data import LABELS, gold_passages, load_corpus, load_task
 
 # Lewis et al. (2020), Tables 1 and 2 (NQ exact match; Jeopardy B-1, plain BLEU-1 like ours;
 # FEVER-2 label accuracy: the built-in verification task has two labels, as FEVER-2 has).
@@ -69,7 +71,6 @@ class ReproduceConfig:
 def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         progress: bool = True) -> dict:
     """Run every experiment and write the run directory; returns ``results.json``'s content."""
-    from .data import gold_passages
     from .generator import generate_answers
     from .pipeline import RagModel
     from .plots import plot_k_sweep, plot_training
