@@ -3,9 +3,10 @@
 Data → retriever → index → generator → closed-book and both RAG models → every experiment of
 ``evaluate``: Table 1 on reading QA (span answers, as NQ's are) with the paper's dense prior,
 beside reading the top-1 passage alone, retrieve-and-extract and the hybrid prior as an
-ablation; Table 2; Figure 3; the index hot-swap. Each task is decoded as the paper's Appendix A says (``evaluate.DECODING``: greedy
-for QA, four beams for question generation), the closed-book baseline exactly as the RAG models
-it is compared with, and fact verification classified by the likelier label. Every trained
+ablation; Table 2; Figure 3; the index hot-swap. Each task is decoded as the paper's Appendix
+A says (``evaluate.DECODING``: greedy for QA, four beams for question generation), the
+closed-book baseline exactly as the RAG models it is compared with, and fact verification
+classified by the likelier label. Every trained
 model is a cached artifact, so a second run only evaluates. The run directory
 ``runs/<timestamp>/`` (``runs/latest`` points at the newest) holds ``results.md`` (the paper's
 number beside ours where it has one), ``results.json`` (with the decoding settings of each
