@@ -34,8 +34,6 @@ from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
 from ragbook.config import get_preset
-from ragbook.data import gold_passages, load_corpus
-from ragbook.generator import generate_answers
 from ragbook.pipeline import RagModel
 from ragbook.reproduce import test_examples
 from ragbook.train import RagTrainConfig, trained_closed_book, trained_rag
@@ -66,10 +64,7 @@ def main() -> None:
     scores: dict[str, list[float]] = {}
     predictions = {}
 
-    gold = generate_answers(model.generator, model.tokenizer, [e.question for e in test],
-                            gold_passages(test, load_corpus()), num_beams=1,
-                            max_source_length=args.source_length)
-    scores["reader, gold passage"] = [ev.f1_score(a, e.answers) for a, e in zip(gold, test)]
+    scores["reader, gold passage"] = f1s(ev.gold_passage_answers(model, test))
     for k in (1, 5):
         for name, marginalization in (("RAG-Sequence", "sequence"), ("RAG-Token", "token")):
             if k == 1 and name == "RAG-Sequence":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import BLANK, SALIENT_SPANS, Example, Passage
+from .data import BLANK, SALIENT_SPANS, Example, Passage, gold_passages
 from .pipeline import Prediction, RagModel, Retrieved, exact_match, normalize_answer
 
 
@@ -288,6 +288,21 @@ def retrieval_recall(model, examples: Sequence[Example], ks: Sequence[int] = (1,
                      batch_size: int = 64) -> dict[int, float]:
     """recall@k of a model's retriever (dense with its current query encoder, or BM25)."""
     return recall_at_k(retrieved_passages(model, examples, max(ks), batch_size), examples, ks)
+
+
+def gold_passage_answers(model: RagModel, examples: Sequence[Example]) -> list[Prediction]:
+    """The generator as a reader, no retrieval: each reading-QA question answered from its gold
+    passage in the model's corpus (:func:`ragbook.data.gold_passages`), decoded as open-domain
+    QA is — the bound on what RAG's answers can reach with this generator."""
+    from .generator import generate_answers
+
+    gold = gold_passages(examples, model.index.passages)
+    answers = generate_answers(model.generator, model.tokenizer, [e.question for e in examples],
+                               gold, num_beams=DECODING["reading-qa"].num_beams,
+                               max_length=model.preset.max_target_length,
+                               max_source_length=model.preset.max_source_length)
+    return [Prediction(e.question, a, list(e.answers), [{"id": p.id, "title": p.title}])
+            for e, a, p in zip(examples, answers, gold)]
 
 
 def extract_span(passage: Passage, question: str, max_words: int = 6) -> str | None:

@@ -6,11 +6,10 @@ beside reading the top-1 passage alone, retrieve-and-extract and the hybrid prio
 ablation; Table 2; Figure 3; the index hot-swap. Each task is decoded as the paper's Appendix
 A says (``evaluate.DECODING``: greedy for QA, four beams for question generation), the
 closed-book baseline exactly as the RAG models it is compared with, and fact verification
-classified by the likelier label. Every trained
-model is a cached artifact, so a second run only evaluates. The run directory
-``runs/<timestamp>/`` (``runs/latest`` points at the newest) holds ``results.md`` (the paper's
-number beside ours where it has one), ``results.json`` (with the decoding settings of each
-task), the figures as PNG and the predictions as JSONL.
+classified by the likelier label. Every trained model is a cached artifact, so a second run
+only evaluates. The run directory ``runs/<timestamp>/`` (``runs/latest`` points at the newest)
+holds ``results.md`` (the paper's number beside ours where it has one), ``results.json`` (with
+the decoding settings of each task), the figures as PNG and the predictions as JSONL.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import numpy as np
 from . import evaluate as ev
 from .artifacts import atomic_write_bytes
 from .config import RETRIEVERS, get_preset
-from .data import LABELS, gold_passages, load_corpus, load_task
+from .data import LABELS, load_corpus, load_task
 
 # Lewis et al. (2020), Tables 1 and 2 (NQ exact match; Jeopardy B-1, plain BLEU-1 like ours;
 # FEVER-2 label accuracy: the built-in verification task has two labels, as FEVER-2 has).
@@ -72,7 +71,6 @@ class ReproduceConfig:
 def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         progress: bool = True) -> dict:
     """Run every experiment and write the run directory; returns ``results.json``'s content."""
-    from .generator import generate_answers
     from .pipeline import RagModel
     from .plots import plot_k_sweep, plot_training
     from .train import trained_closed_book
@@ -144,13 +142,7 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         ablation = trained.with_bm25(bm25.bm25 if cfg.ablation_prior == "hybrid" else None)
         table["rag_token_ablation"], predictions["rag_token_ablation"] = decode(
             ablation, READING, qa)
-    gold = generate_answers(trained.generator, trained.tokenizer, [e.question for e in qa],
-                            gold_passages(qa, load_corpus()),
-                            num_beams=ev.DECODING[READING].num_beams,
-                            max_length=preset.max_target_length,
-                            max_source_length=preset.max_source_length)
-    predictions["reader_gold"] = [ev.Prediction(e.question, a, list(e.answers))
-                                  for e, a in zip(qa, gold)]
+    predictions["reader_gold"] = ev.gold_passage_answers(trained, qa)
     table["reader_gold"] = ev.score_predictions(predictions["reader_gold"])
     results["reading_qa"] = table
     hits: dict = {metric: {name: [score(p) for p in preds]
@@ -300,6 +292,9 @@ def results_table(r: dict) -> str:
     def scores(name: str) -> str:
         return f"{pct(t[name]['f1'])} / {pct(t[name]['em'])}"
 
+    def row(*cells: str) -> str:  # a Markdown row; an empty cell is "| |"
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
     rows = [
         "| experiment | model | ours | paper |", "|---|---|---|---|",
         f"| reading QA, F1 / EM (Table 1; the paper: NQ EM) | closed-book BART | "
@@ -324,9 +319,8 @@ def results_table(r: dict) -> str:
                                ("rag", f"RAG ({verify_prior} prior)", PAPER["verify_rag"])):
         v = r["verify"][name]
         said = ", ".join(f"{pct(n / v['n'])}% {y}" for y, n in v["predicted"].items())
-        experiment = "fact verification, accuracy (Table 2)" if name == "bart" else ""
-        rows.append(f"| {experiment} | {label} | {pct(v['accuracy'])} (said: {said}) | {paper} |"
-                    .replace("|  |", "| |"))
+        rows.append(row("fact verification, accuracy (Table 2)" if name == "bart" else "",
+                        label, f"{pct(v['accuracy'])} (said: {said})", paper))
     tuned = f"BERT_q trained jointly with the {trained_with} prior"
     questions = f", {r['recall_questions']} test questions"
     for name, label in (("bm25", "BM25"), ("frozen", "dense, frozen BERT_q"),
@@ -342,10 +336,9 @@ def results_table(r: dict) -> str:
                 f"index / returns with the old | {pct(hs['followed'])} / {pct(hs['kept'])} | |")
     for name, label in (("rag_token", "RAG-Token"), ("rag_sequence", "RAG-Sequence")):
         sweep = r["k_sweep"][name]
-        experiment = "F1 by k at test time (Figure 3)" if name == "rag_token" else ""
-        rows.append(f"| {experiment} | {label} | ".replace("|  |", "| |") + ", ".join(
-            f"k={k}: {pct(f)} ± {pct(se)}"
-            for k, f, se in zip(sweep["k"], sweep["f1"], sweep["f1_se"])) + " | |")
+        rows.append(row("F1 by k at test time (Figure 3)" if name == "rag_token" else "", label,
+                        ", ".join(f"k={k}: {pct(f)} ± {pct(se)}" for k, f, se in
+                                  zip(sweep["k"], sweep["f1"], sweep["f1_se"])), ""))
     paper_note = ("\nAll figures in percent. The paper's are for NQ (EM), Jeopardy (B-1) "
                   "and FEVER-2 at full scale; ours are the tiny preset on the built-in tasks' "
                   "test articles.\n")
@@ -426,13 +419,12 @@ def findings(r: dict) -> list[str]:
             f"same passages ({diff('rag_token', 'extract')}); the paper: RAG-Sequence "
             f"{PAPER['rag_sequence']} against an extractive reader's {PAPER['extract']} EM "
             "on NQ.")
+        recall5 = hits.get("recall@5", {}).get("finetuned")
         out.append(f"**The reader's bound**: RAG-Token's generator given each question's gold "
-                   f"passage scores F1 {score('reader_gold')}; RAG-Token reaches "
-                   f"{score('rag_token')} with retrieval (recall@5 "
-                   f"{pct(float(np.mean(hits['recall@5']['finetuned'])))} with its BERT_q)."
-                   if "finetuned" in hits.get("recall@5", {}) else
-                   f"**The reader's bound**: RAG-Token's generator given each question's gold "
-                   f"passage scores F1 {score('reader_gold')}.")
+                   f"passage scores F1 {score('reader_gold')}"
+                   + (f"; RAG-Token reaches {score('rag_token')} with retrieval (recall@5 "
+                      f"{pct(float(np.mean(recall5)))} with its BERT_q)."
+                      if recall5 is not None else "."))
     else:  # entity QA: every answer is a title, so copying the top-1 one is a strong system
         top1 = "top1_title_finetuned" if "top1_title_finetuned" in scores else "top1_title"
         out.append(

@@ -67,6 +67,9 @@ def _world() -> tuple[list[Passage], list[Example]]:
 
 
 CORPUS, EXAMPLES = _world()
+# reading-QA questions about the toy world: an article's description, then the blanked clue
+READING = [Example(f"A town: the home of the _____ {ANIMALS[i]}.", [COLOURS[i]], town)
+           for i, town in enumerate(TOWNS)]
 KEYS = {e.question: e.question.split("home of ")[1][:-1] for e in EXAMPLES}
 
 
@@ -705,9 +708,7 @@ def test_the_extracting_reader_reads_the_span_between_the_words_around_the_blank
 
 def test_retrieve_and_extract_answers_from_the_first_passage_that_fits(toy):
     model = _model(toy)
-    reading = [Example(f"A town: the home of the _____ {ANIMALS[i]}.", [COLOURS[i]], town)
-               for i, town in enumerate(TOWNS)]
-    predictions = extracted_answers(model, reading, len(CORPUS))  # every passage: each fits once
+    predictions = extracted_answers(model, READING, len(CORPUS))  # every passage: each fits once
     assert [p.prediction for p in predictions] == COLOURS
     assert [p.provenance[0]["title"] for p in predictions] == TOWNS
     assert extracted_answers(model, [Example("A town: the _____ unicorn.", ["x"])], 3)[0] \
@@ -844,12 +845,9 @@ def test_reproduce_runs_every_experiment_and_writes_its_run_directory(toy, monke
         model.history = [(1, 2.0), (2, 1.0)]
         return model
 
-    reading = [Example(f"A town: the home of the _____ {ANIMALS[i]}.", [COLOURS[i]], town)
-               for i, town in enumerate(TOWNS)]
     monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0, **sizes: toy.preset)
     monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0:
-                        reading if task == "reading-qa" else EXAMPLES)
-    monkeypatch.setattr(reproduce, "load_corpus", lambda: CORPUS)
+                        READING if task == "reading-qa" else EXAMPLES)
     monkeypatch.setattr(RagModel, "from_preset", staticmethod(from_preset))
     monkeypatch.setattr(T, "trained_rag", trained_rag)
     monkeypatch.setattr(T, "trained_closed_book",
@@ -858,7 +856,7 @@ def test_reproduce_runs_every_experiment_and_writes_its_run_directory(toy, monke
                                     hot_swap_facts=2, retriever="hybrid", ablation_prior="dense")
     results = reproduce.run(cfg, runs_dir=tmp_path, progress=False)
 
-    assert results["recall_questions"] == len(reading)  # recall: the whole split
+    assert results["recall_questions"] == len(READING)  # recall: the whole split
     for key in ("frozen", "finetuned", "bm25", "hybrid_frozen", "hybrid"):
         assert set(results["retrieval"][key]) == {"recall@1", "recall@5", "recall@20"}
     assert all(0 <= results["reading_qa"][m][score] <= 1 for score in ("em", "f1")

@@ -53,9 +53,7 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
     and question generation — uses the beams, RAG-Sequence method and answer length that
     results.json records for its task (the paper's Appendix A); verification decodes nothing."""
     towns = {e.article for e in tp.EXAMPLES}
-    reading = [Example(f"A town: the home of the _____ {tp.ANIMALS[i]}.", [tp.COLOURS[i]], town)
-               for i, town in enumerate(tp.TOWNS)]
-    tasks = {"reading-qa": reading,
+    tasks = {"reading-qa": tp.READING,
              "qgen": [Example(t, [f"a town called {t}"], t) for t in sorted(towns)],
              "verify": [Example(f"{e.article}: {e.question}", ["SUPPORTS"], e.article)
                         for e in tp.EXAMPLES]}
@@ -76,7 +74,6 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
     for name in ("rag_token_generate", "rag_sequence_generate"):
         monkeypatch.setattr(rag, name, spy(name))
     monkeypatch.setattr(reproduce, "get_preset", lambda name, seed=0, **sizes: toy.preset)
-    monkeypatch.setattr(reproduce, "load_corpus", lambda: tp.CORPUS)
     monkeypatch.setattr(reproduce, "load_task", lambda task, split, seed=0: tasks[task])
 
     def from_preset(preset, retriever="dense", **parts):
