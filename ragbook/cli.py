@@ -92,8 +92,9 @@ def _reproduce_config(args: argparse.Namespace, **sizes):
     """reproduce's config for ``ask`` and ``reproduce``; refuses priors one model cannot serve."""
     from .reproduce import ReproduceConfig, check_priors
 
+    ablation = getattr(args, "ablation_prior", None)  # reproduce's option; "none": no ablation
     cfg = ReproduceConfig(training_prior=args.training_prior, retriever=args.retriever,
-                          ablation_prior=getattr(args, "ablation_prior", None), **sizes)
+                          ablation_prior=None if ablation == "none" else ablation, **sizes)
     try:
         check_priors(cfg)
     except ValueError as e:
@@ -107,8 +108,6 @@ def _reproduce_config(args: argparse.Namespace, **sizes):
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import results_table, run
 
-    if args.ablation_prior == "none":
-        args.ablation_prior = None
     cfg = _reproduce_config(args, rag_steps=args.rag_steps, eval_questions=args.eval_questions,
                             seed=args.seed)
     _writable_dir(args.runs_dir, "--runs-dir")
