@@ -6,10 +6,12 @@ the index stay frozen.
 
 ``pretrain`` is the recipe that produced the shipped tiny BART, on the passages of the built-in
 corpus's *train* articles only, so that dev and test articles stay unseen by the parametric
-memory. Two stages: *denoising* — text infilling and sentence permutation (Lewis et al. 2019,
+memory. Three stages: *denoising* — text infilling and sentence permutation (Lewis et al. 2019,
 BART) — then *reading*: salient-span questions (REALM, Guu et al. 2020) answered from the
 passage in the input, which stands in for what BART-large brings from 160 GB of text: copying
-from its input.
+from its input; then *focus*: the same questions with the passage often narrowed to the
+sentence the question was cut from and a few of its neighbours, where a guess among the
+passage's names and numbers stops paying and copying the span beside the matched words does.
 
 Every run is resumable (:func:`resumable_loop`): the checkpoint is written atomically every
 ``checkpoint_every`` steps and on interrupt, and the batch of step t depends only on (seed, t),
@@ -102,6 +104,12 @@ class PretrainConfig:
     read_seq_len: int = 256  # positions for a 100-word passage and a question (~200 tokens)
     read_lr: float = 3e-4
     read_denoise: float = 0.25  # the share of each batch that goes on denoising
+    # the focus stage, after reading (focus_steps = 0: none), the same share on denoising: each
+    # question's passage is narrowed to its sentence and n neighbours on each side, n drawn
+    # from 0 … focus_window − 1, or kept whole (1 in focus_window + 1)
+    focus_steps: int = 2_000
+    focus_lr: float = 5e-4
+    focus_window: int = 3
     # bf16 matrix products where the device has them (config.autocast), fp32 elsewhere
     # (~1.7× faster on AVX512-BF16 cores: benchmarks/README.md)
     bf16: bool = True
@@ -292,16 +300,31 @@ def reading_pairs(seed: int = 0) -> tuple[list[tuple[Passage, str]], list[tuple[
     return pairs["train"], pairs["test"]
 
 
+def focused(passage: Passage, question: str, span: str, neighbours: int) -> Passage:
+    """``passage`` narrowed to the sentence ``question`` was cut from (of those holding ``span``,
+    the one sharing most words with the question) and ``neighbours`` sentences on each side."""
+    sentences = split_sentences(passage.text)
+    words = set(question.split())
+    i = max((i for i, s in enumerate(sentences) if span in s),
+            key=lambda i: len(words & set(sentences[i].split())))
+    return Passage(passage.id, passage.title,
+                   " ".join(sentences[max(0, i - neighbours):i + neighbours + 1]))
+
+
 def reading_batch(pairs: list[tuple[Passage, str]], n: int, tokenizer, cfg: PretrainConfig,
-                  rng: random.Random) -> dict[str, torch.Tensor]:
+                  rng: random.Random, focus: bool = False) -> dict[str, torch.Tensor]:
     """``n`` reading questions (:func:`~ragbook.data.reading_question`) with their passage in
     the input, ``"title / text // question"`` in ``read_seq_len`` tokens; the target is the
     blanked span. REALM masks a salient span and predicts it from the model's memory; here the
-    passage is in the input, so the span is read, not recalled."""
+    passage is in the input, so the span is read, not recalled. With ``focus`` (the focus
+    stage) a passage is narrowed (:func:`focused`) unless the draw from 0 … ``focus_window``
+    is ``focus_window``."""
     passages, questions, spans = [], [], []
     for _ in range(n):
         passage, description = pairs[rng.randrange(len(pairs))]
         q = reading_question(passage, description, rng)  # never None: the pairs have spans
+        if focus and (neighbours := rng.randrange(cfg.focus_window + 1)) < cfg.focus_window:
+            passage = focused(passage, q.question, q.answers[0], neighbours)
         passages.append(passage)
         questions.append(q.question)
         spans.append(q.answers[0])
@@ -344,17 +367,19 @@ def extend_positions(model, n: int):
     return grown
 
 
-_READING_FIELDS = ("read_steps", "read_seq_len", "read_lr", "read_denoise")
+STAGES = ("denoise", "read", "focus")
+_STAGE_FIELDS = {"read": ("read_steps", "read_seq_len", "read_lr", "read_denoise"),
+                 "focus": ("focus_steps", "focus_lr", "focus_window")}
 
 
 def _stage_settings(cfg: PretrainConfig, bf16: bool, stage: str) -> dict:
-    """What a stage's result depends on: the denoising stage ignores the reading fields (so its
-    checkpoints outlive a change of the reading stage); bf16 is named only when on, as runs
+    """What a stage's result depends on: a stage ignores the fields of the stages after it (so
+    its checkpoints and output outlive a change of those); bf16 is named only when on, as runs
     wrote before bf16 existed, so their checkpoints still resume."""
     settings = _settings(cfg)
     settings.pop("bf16")
-    if stage == "denoise":
-        settings = {k: v for k, v in settings.items() if k not in _READING_FIELDS}
+    later = {f for s in STAGES[STAGES.index(stage) + 1:] for f in _STAGE_FIELDS[s]}
+    settings = {k: v for k, v in settings.items() if k not in later}
     if bf16:
         settings["bf16"] = True
     return settings
@@ -362,12 +387,13 @@ def _stage_settings(cfg: PretrainConfig, bf16: bool, stage: str) -> dict:
 
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Path | None = None,
              device: str | None = None, progress: bool = True) -> dict:
-    """Pre-train the tiny BART — denoising, then reading — and export it to ``out``; resumable;
-    on ``device`` (default :func:`~ragbook.config.default_device`).
+    """Pre-train the tiny BART — denoising, reading, focus — and export it to ``out``;
+    resumable; on ``device`` (default :func:`~ragbook.config.default_device`).
 
-    ``work`` holds the tokenizer, each stage's checkpoint and the denoised generator
-    (``denoised/``), from which the reading stage starts (default: ``out/../<name>-work``).
-    Returns the recipe record written to ``out/pretrain.json``.
+    ``work`` holds the tokenizer, each stage's checkpoint and the generator each stage before
+    the last one exported (``denoised/``, ``read/``), from which the next stage starts
+    (default: ``out/../<name>-work``); a stage whose export is there under the same settings is
+    not run again. Returns the recipe record written to ``out/pretrain.json``.
     """
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
@@ -387,48 +413,72 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
     bf16 = cfg.bf16 and bf16_supported(device)  # what this run really does
     record = {"recipe": "ragbook pretrain", "config": asdict(cfg), "device": str(device),
               "bf16": bf16, "torch": torch.__version__}
+    run = [s for s, n in zip(STAGES, (cfg.steps, cfg.read_steps, cfg.read_steps and
+                                      cfg.focus_steps)) if n]
+    exports = {s: out if s == run[-1] else work / d
+               for s, d in zip(STAGES, ("denoised", "read", "focused"))}
 
-    denoised = work / "denoised" if cfg.read_steps else out
-    done = denoised / "pretrain.json"
-    settings = _stage_settings(cfg, bf16, "denoise")
-    stage1 = json.loads(done.read_text()) if done.exists() else {}
-    if stage1.get("settings") == settings:  # the denoising stage is finished: reuse it
+    steps = {"denoise": cfg.steps, "read": cfg.read_steps, "focus": cfg.focus_steps}
+
+    def finished(stage: str) -> dict:
+        """The record of ``stage``'s export in ``work`` if it is its last one (not one made
+        every ``export_every`` steps) under these settings."""
+        path = exports[stage] / "pretrain.json"
+        meta = json.loads(path.read_text()) if stage != run[-1] and path.exists() else {}
+        end = sum(steps[s] for s in run[:run.index(stage) + 1])
+        return (meta if meta.get("settings") == _stage_settings(cfg, bf16, stage)
+                and meta.get("step") == end else {})
+
+    train_pairs, heldout_pairs = reading_pairs(cfg.seed) if len(run) > 1 else ([], [])
+    heldout_pairs = random.Random(cfg.seed).sample(heldout_pairs, min(len(heldout_pairs),
+                                                                       cfg.heldout_passages))
+    n_denoise = round(cfg.read_denoise * cfg.batch_size)
+
+    def reading_step(focus: bool) -> Callable:
+        def make(step: int, rng: random.Random) -> list[dict[str, torch.Tensor]]:
+            texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(n_denoise)]
+            return [reading_batch(train_pairs, cfg.batch_size - n_denoise, tokenizer, cfg, rng,
+                                  focus=focus),
+                    denoising_batch(texts, tokenizer, cfg, rng, seq_len=cfg.read_seq_len)]
+        return make
+
+    def measure() -> dict:
+        if model.config.max_position_embeddings < cfg.read_seq_len:  # the denoising stage
+            return {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg)}
+        return {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
+                "heldout_read_loss": heldout_read_loss(model, tokenizer, heldout_pairs, cfg),
+                "heldout_read": f"{cfg.heldout_passages} reading questions on passages of "
+                                "test-split articles, fixed draw"}
+
+    lrs = {"denoise": cfg.lr, "read": cfg.read_lr, "focus": cfg.focus_lr}
+    checkpoints = {"denoise": "checkpoint.pt", "read": "reading.pt", "focus": "focus.pt"}
+    batches = {"denoise": lambda step, rng: denoising_batch(
+        [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)],
+        tokenizer, cfg, rng), "read": reading_step(False), "focus": reading_step(True)}
+    # the latest stage already exported under these settings, if any, is where training resumes
+    start = next((i for i in range(len(run) - 1, -1, -1) if finished(run[i])), None)
+    model, before = None, None
+    if start is not None:
+        before = finished(run[start])
         with quiet_loading():
-            model = BartForConditionalGeneration.from_pretrained(denoised, dtype=torch.float32)
+            model = BartForConditionalGeneration.from_pretrained(exports[run[start]],
+                                                                 dtype=torch.float32)
     else:
         torch.manual_seed(cfg.seed)
         model = BartForConditionalGeneration(tiny_config(tokenizer, cfg.d_model, cfg.layers))
-        stage1 = _train_stage(
-            model, tokenizer, cfg, device, bf16, "denoise", cfg.steps, cfg.lr,
-            lambda step, rng: denoising_batch(
-                [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)],
-                tokenizer, cfg, rng),
-            work / "checkpoint.pt", denoised, settings, progress,
-            lambda: {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg)},
-            record)
-    if not cfg.read_steps:
-        return stage1
-
-    train_pairs, heldout_pairs = reading_pairs(cfg.seed)
-    heldout_pairs = random.Random(cfg.seed).sample(heldout_pairs, cfg.heldout_passages)
-    model = extend_positions(model, cfg.read_seq_len)
-    n_denoise = round(cfg.read_denoise * cfg.batch_size)
-
-    def reading_step(step: int, rng: random.Random) -> list[dict[str, torch.Tensor]]:
-        texts = [train_texts[rng.randrange(len(train_texts))] for _ in range(n_denoise)]
-        return [reading_batch(train_pairs, cfg.batch_size - n_denoise, tokenizer, cfg, rng),
-                denoising_batch(texts, tokenizer, cfg, rng, seq_len=cfg.read_seq_len)]
-
-    record = {**record, "stages": {"denoise": {k: stage1[k] for k in (
-        "step", "train_loss", "heldout_loss", "seconds")}}}
-    return _train_stage(
-        model, tokenizer, cfg, device, bf16, "read", cfg.read_steps, cfg.read_lr, reading_step,
-        work / "reading.pt", out, _stage_settings(cfg, bf16, "read"), progress,
-        lambda: {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
-                 "heldout_read_loss": heldout_read_loss(model, tokenizer, heldout_pairs, cfg),
-                 "heldout_read": f"{cfg.heldout_passages} reading questions on passages of "
-                                 "test-split articles, fixed draw"},
-        record, before=stage1)
+    for stage in run[0 if start is None else start + 1:]:
+        if stage == "read":
+            model = extend_positions(model, cfg.read_seq_len)
+        if before is not None:
+            summary = {k: before[k] for k in ("step", "train_loss", "heldout_loss",
+                                              "heldout_read_loss", "seconds") if k in before}
+            record = {**record, "stages": {**before.get("stages", {}),
+                                           STAGES[STAGES.index(stage) - 1]: summary}}
+        before = _train_stage(model, tokenizer, cfg, device, bf16, stage, steps[stage],
+                              lrs[stage], batches[stage], work / checkpoints[stage],
+                              exports[stage], _stage_settings(cfg, bf16, stage), progress,
+                              measure, record, before=before)
+    return before
 
 
 def _train_stage(model, tokenizer, cfg: PretrainConfig, device, bf16: bool, stage: str,

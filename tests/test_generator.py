@@ -273,7 +273,7 @@ def test_text_infilling_masks_about_thirty_percent_in_spans():
 
 TINY = dict(d_model=32, layers=1, vocab_size=300, steps=4, batch_size=4, seq_len=16,
             warmup=2, checkpoint_every=3, export_every=3, heldout_passages=4, read_steps=5,
-            read_seq_len=40)
+            read_seq_len=40, focus_steps=4)
 
 
 class _StopAt:
@@ -306,8 +306,9 @@ def small_texts():
 
 
 @pytest.mark.parametrize("stop", [("denoise", "checkpoint.pt", 3, KeyboardInterrupt),
-                                  ("read", "reading.pt", 4, RuntimeError)],
-                         ids=["interrupted-denoising", "crashed-reading"])
+                                  ("read", "reading.pt", 4, RuntimeError),
+                                  ("focus", "focus.pt", 3, KeyboardInterrupt)],
+                         ids=["interrupted-denoising", "crashed-reading", "interrupted-focus"])
 def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
     monkeypatch.setattr(train, "pretraining_texts", lambda seed: small_texts)
     cfg = train.PretrainConfig(**TINY)
@@ -323,12 +324,16 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
     assert saved["state"]["step"] == 3
     resumed = train.pretrain(tmp_path / "b", cfg, work=tmp_path / "b-work", progress=False)
 
-    assert resumed["step"] == straight["step"] == cfg.steps + cfg.read_steps
-    assert len(resumed["history"]) == cfg.steps + cfg.read_steps
+    total = cfg.steps + cfg.read_steps + cfg.focus_steps
+    assert resumed["step"] == straight["step"] == total
+    assert len(resumed["history"]) == total
     assert resumed["history"] == straight["history"]
+    untimed = [{s: {k: v for k, v in r.items() if k != "seconds"} for s, r in run.items()}
+               for run in (resumed["stages"], straight["stages"])]
+    assert untimed[0] == untimed[1] and list(resumed["stages"]) == ["denoise", "read"]
     assert resumed["heldout_loss"] == straight["heldout_loss"]
     assert resumed["heldout_read_loss"] == straight["heldout_read_loss"]
-    for name in ("checkpoint.pt", "reading.pt"):  # each stage's weights, bit for bit
+    for name in ("checkpoint.pt", "reading.pt", "focus.pt"):  # each stage's weights, bit for bit
         a = torch.load(tmp_path / "a-work" / name, weights_only=True)["model"]
         b = torch.load(tmp_path / "b-work" / name, weights_only=True)["model"]
         assert a.keys() == b.keys()
@@ -338,19 +343,32 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch, small_texts, stop):
     assert grown.config.max_position_embeddings == cfg.read_seq_len
 
 
-def test_the_reading_stage_starts_from_the_finished_denoising_stage(tmp_path, monkeypatch,
-                                                                     small_texts):
-    """A new reading stage reuses the denoised generator; another denoising recipe does not."""
+def test_each_stage_starts_from_the_finished_stage_before_it(tmp_path, monkeypatch,
+                                                              small_texts):
+    """A new focus stage reuses the read generator, a new reading stage the denoised one;
+    another denoising recipe reuses nothing."""
     monkeypatch.setattr(train, "pretraining_texts", lambda seed: small_texts)
     first = train.pretrain(tmp_path / "g", train.PretrainConfig(**TINY), progress=False)
+    n_read = TINY["steps"] + TINY["read_steps"]
+
+    other_focus = train.PretrainConfig(**{**TINY, "focus_steps": 2, "focus_lr": 1e-3})
+    with pytest.raises(ValueError, match="other settings"):  # the focus checkpoint refuses
+        train.pretrain(tmp_path / "g", other_focus, progress=False)
+    (tmp_path / "g-work" / "focus.pt").unlink()  # a new focus recipe starts afresh
+    again = train.pretrain(tmp_path / "g", other_focus, progress=False)
+    assert again["stages"] == first["stages"]
+    assert again["history"][:n_read] == first["history"][:n_read]
+    assert len(again["history"]) == n_read + 2
+
     other_reading = train.PretrainConfig(**{**TINY, "read_steps": 2, "read_lr": 1e-3})
     with pytest.raises(ValueError, match="other settings"):  # the reading checkpoint refuses
         train.pretrain(tmp_path / "g", other_reading, progress=False)
-    (tmp_path / "g-work" / "reading.pt").unlink()  # a new reading recipe starts afresh
+    for name in ("reading.pt", "focus.pt"):  # a new reading recipe starts both afresh
+        (tmp_path / "g-work" / name).unlink()
     again = train.pretrain(tmp_path / "g", other_reading, progress=False)
     assert again["stages"]["denoise"] == first["stages"]["denoise"]
     assert again["history"][:TINY["steps"]] == first["history"][:TINY["steps"]]
-    assert len(again["history"]) == TINY["steps"] + 2
+    assert len(again["history"]) == TINY["steps"] + 2 + TINY["focus_steps"]
     other_denoising = train.PretrainConfig(**{**TINY, "lr": 1e-3})
     with pytest.raises(ValueError, match="other settings"):  # its checkpoint refuses it
         train.pretrain(tmp_path / "g", other_denoising, progress=False)
@@ -383,6 +401,26 @@ def test_reading_batches_read_their_span_from_the_passage_in_the_input():
         passage, question = text.split(" // ")
         span = tok.decode(target[mask], skip_special_tokens=True)
         assert span in passage and data.BLANK in question
+
+
+def test_the_focus_stage_narrows_passages_to_the_questions_sentence_and_its_neighbours():
+    tok = generator.load_generator("tiny")[1]
+    pairs, _ = train.reading_pairs(0)
+    cfg = train.PretrainConfig()
+    focus = train.reading_batch(pairs, 64, tok, cfg, random.Random(0), focus=True)
+    widths = []
+    for source, target, mask in zip(focus["input_ids"], focus["labels"], focus["target_mask"]):
+        text = tok.decode(source, skip_special_tokens=True)
+        passage, question = text.split(" // ")
+        assert tok.decode(target[mask], skip_special_tokens=True) in passage
+        widths.append(len(data.split_sentences(passage.split(" / ", 1)[1])))
+    assert min(widths) == 1 and max(widths) > 2 * cfg.focus_window - 1  # narrowed, or whole
+
+    passage = data.Passage("p", "T", "One two three. Four 1990 five. Six 1990 seven eight. Nine.")
+    assert train.focused(passage, "it: Six _____ seven", "1990", 0).text == (
+        "Six 1990 seven eight.")  # of the sentences holding the span, the question's
+    assert train.focused(passage, "it: Four _____ five", "1990", 1).text == (
+        "One two three. Four 1990 five. Six 1990 seven eight.")
 
 
 def test_an_interrupted_generator_export_leaves_the_previous_one(tmp_path, monkeypatch):
@@ -454,7 +492,8 @@ def test_shipped_generator_loads_and_reproduces_its_heldout_loss():
     model, tok = generator.load_generator("tiny")
     meta = json.loads((generator.SHIPPED / "pretrain.json").read_text())
     cfg = train.PretrainConfig(**meta["config"])
-    assert meta["recipe"] == "ragbook pretrain" and meta["step"] == cfg.steps + cfg.read_steps
+    assert meta["recipe"] == "ragbook pretrain"
+    assert meta["step"] == cfg.steps + cfg.read_steps + cfg.focus_steps
     assert cfg == train.PretrainConfig()  # `ragbook pretrain` with no options remakes it
     assert model.config.max_position_embeddings == cfg.read_seq_len
     assert len(tok) == model.config.vocab_size == cfg.vocab_size
