@@ -464,10 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval, on_interrupt="nothing was written")
 
     p = sub.add_parser(
-        "pretrain", help="pre-train the tiny BART generator: denoising, then reading (hours on "
-        "a CPU)",
+        "pretrain", help="pre-train the tiny BART generator: denoising, reading, focus (hours "
+        "on a CPU)",
         description="BART's denoising pre-training (text infilling + sentence permutation), "
         "then a reading stage (salient-span questions answered from the passage in the input), "
+        "then a focus stage (the same questions, the passage often narrowed to the question's "
+        "sentence and its neighbours), "
         "on the train articles of the built-in corpus. Resumable: run the same command again "
         "after an interruption.")
     p.add_argument("--out", required=True, help="directory for the exported generator")
@@ -475,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = "(default: the shipped generator's, train.PretrainConfig)"
     for flag, kind in (("--steps", count), ("--batch-size", count), ("--seq-len", _at_least(3)),
                        ("--lr", _positive_float), ("--warmup", _at_least(0)), ("--seed", int),
-                       ("--read-steps", _at_least(0))):
+                       ("--read-steps", _at_least(0)), ("--focus-steps", _at_least(0))):
         p.add_argument(flag, type=kind, help=recipe)
     p.add_argument("--device", type=_device,
                    help="cpu or cuda (default: $RAGBOOK_DEVICE, else CUDA when there is a GPU)")
