@@ -20,6 +20,7 @@ so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -415,8 +416,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
               "bf16": bf16, "torch": torch.__version__}
     run = [s for s, n in zip(STAGES, (cfg.steps, cfg.read_steps, cfg.read_steps and
                                       cfg.focus_steps)) if n]
-    exports = {s: out if s == run[-1] else work / d
-               for s, d in zip(STAGES, ("denoised", "read", "focused"))}
+    exports = {"denoise": work / "denoised", "read": work / "read", run[-1]: out}
 
     steps = {"denoise": cfg.steps, "read": cfg.read_steps, "focus": cfg.focus_steps}
 
@@ -442,8 +442,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
                     denoising_batch(texts, tokenizer, cfg, rng, seq_len=cfg.read_seq_len)]
         return make
 
-    def measure() -> dict:
-        if model.config.max_position_embeddings < cfg.read_seq_len:  # the denoising stage
+    def measure(stage: str) -> dict:
+        if stage == "denoise":
             return {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg)}
         return {"heldout_loss": heldout_loss(model, tokenizer, heldout_texts, cfg),
                 "heldout_read_loss": heldout_read_loss(model, tokenizer, heldout_pairs, cfg),
@@ -456,17 +456,16 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
         [train_texts[rng.randrange(len(train_texts))] for _ in range(cfg.batch_size)],
         tokenizer, cfg, rng), "read": reading_step(False), "focus": reading_step(True)}
     # the latest stage already exported under these settings, if any, is where training resumes
-    start = next((i for i in range(len(run) - 1, -1, -1) if finished(run[i])), None)
-    model, before = None, None
-    if start is not None:
-        before = finished(run[start])
+    start, before = next(((i, meta) for i in range(len(run) - 1, -1, -1)
+                          if (meta := finished(run[i]))), (-1, None))
+    if before is not None:
         with quiet_loading():
             model = BartForConditionalGeneration.from_pretrained(exports[run[start]],
                                                                  dtype=torch.float32)
     else:
         torch.manual_seed(cfg.seed)
         model = BartForConditionalGeneration(tiny_config(tokenizer, cfg.d_model, cfg.layers))
-    for stage in run[0 if start is None else start + 1:]:
+    for stage in run[start + 1:]:
         if stage == "read":
             model = extend_positions(model, cfg.read_seq_len)
         if before is not None:
@@ -477,7 +476,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, work: str | Pat
         before = _train_stage(model, tokenizer, cfg, device, bf16, stage, steps[stage],
                               lrs[stage], batches[stage], work / checkpoints[stage],
                               exports[stage], _stage_settings(cfg, bf16, stage), progress,
-                              measure, record, before=before)
+                              functools.partial(measure, stage), record, before=before)
     return before
 
 
