@@ -4,7 +4,8 @@
 - retrieval recall@k: the gold article, or a gold answer string, among the top k (Figure 3,
   centre panel; the paper's Table 6 reports the ablated retrievers' task scores, not recall);
 - BLEU-1 for question generation, from sacrebleu (Table 2, Jeopardy generation);
-- label accuracy for fact verification, the likelier label under the model (Table 2, FEVER).
+- label accuracy for fact verification, the likelier label under the model (Table 2, FEVER),
+  and the ROC AUC of the two labels' margin (scikit-learn): is there a signal at all.
 
 The experiment runners below decode each task as the paper's Appendix A says (``DECODING``),
 and decode the closed-book baseline exactly as the RAG models (:class:`ClosedBook`).
@@ -218,7 +219,13 @@ def evaluate_labels(model, examples: Sequence[Example], labels: Sequence[str],
     Here the labels are words the generator writes in several tokens: scored as whole
     sequences they are chosen between, never misspelt, and the first token, where the two
     labels part, carries the decision.
+
+    With two labels the scores also hold ``auc``: the ROC AUC of the margin
+    log p(labels[0]|x) − log p(labels[1]|x), whether the model separates the classes at any
+    threshold (0.5: no signal; accuracy reads only the threshold 0).
     """
+    from sklearn.metrics import roc_auc_score
+
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -229,8 +236,12 @@ def evaluate_labels(model, examples: Sequence[Example], labels: Sequence[str],
     model.train(was_training)
     predictions = [Prediction(e.question, labels[j], list(e.answers))
                    for e, j in zip(examples, logp.argmax(dim=1).tolist())]
-    return ({"accuracy": accuracy([p.prediction for p in predictions], examples),
-             "n": len(examples)}, predictions)
+    scores = {"accuracy": accuracy([p.prediction for p in predictions], examples),
+              "n": len(examples)}
+    first = [e.answers[0] == labels[0] for e in examples]
+    if len(labels) == 2 and 0 < sum(first) < len(first):  # both classes among the gold labels
+        scores["auc"] = float(roc_auc_score(first, (logp[:, 0] - logp[:, 1]).numpy()))
+    return scores, predictions
 
 
 def concatenated_answers(model: RagModel, examples: Sequence[Example], passages:

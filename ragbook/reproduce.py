@@ -319,8 +319,9 @@ def results_table(r: dict) -> str:
                                ("rag", f"RAG ({verify_prior} prior)", PAPER["verify_rag"])):
         v = r["verify"][name]
         said = ", ".join(f"{pct(n / v['n'])}% {y}" for y, n in v["predicted"].items())
+        auc = f"; AUC {v['auc']:.2f}" if "auc" in v else ""
         rows.append(row("fact verification, accuracy (Table 2)" if name == "bart" else "",
-                        label, f"{pct(v['accuracy'])} (said: {said})", paper))
+                        label, f"{pct(v['accuracy'])} (said: {said}{auc})", paper))
     tuned = f"BERT_q trained jointly with the {trained_with} prior"
     questions = f", {r['recall_questions']} test questions"
     for name, label in (("bm25", "BM25"), ("frozen", "dense, frozen BERT_q"),
@@ -498,4 +499,8 @@ def findings(r: dict) -> list[str]:
                    f"accuracy ({diff('rag', 'bart', v)}, {len(v['rag'])} claims, chance 50 on "
                    f"balanced labels; the paper: {PAPER['verify_rag']} vs "
                    f"{PAPER['verify_bart']}).")
+        if all("auc" in acc[m] for m in ("rag", "bart")):  # threshold-free: any signal at all?
+            out[-1] += (f" ROC AUC of the label margin: RAG {acc['rag']['auc']:.2f}, BART "
+                        f"{acc['bart']['auc']:.2f} (0.5: no signal, where saying one label "
+                        "for every claim is as good as any threshold).")
     return out

@@ -103,7 +103,8 @@ def test_evaluate_labels_chooses_the_likelier_label_and_scores_that_choice():
     scores, predictions = ev.evaluate_labels(model, claims, labels, "sequence", batch_size=2)
     assert [p.prediction for p in predictions] == ["SUPPORTS", "SUPPORTS", "REFUTES"]
     assert [p.answers for p in predictions] == [e.answers for e in claims]
-    assert scores == {"accuracy": pytest.approx(2 / 3), "n": 3}
+    # c2 is wrong at the threshold 0 (argmax) yet ranked below the one SUPPORTS claim: AUC 1
+    assert scores == {"accuracy": pytest.approx(2 / 3), "n": 3, "auc": 1.0}
     # every label of every claim scored in batches, in eval mode, the retriever not trained
     assert sorted(model.calls) == [(1, "sequence", False, False)] * 2 + \
         [(2, "sequence", False, False)] * 2
