@@ -108,9 +108,14 @@ class PretrainConfig:
     # the focus stage, after reading (focus_steps = 0: none), the same share on denoising: each
     # question's passage is narrowed to its sentence and n neighbours on each side, n drawn
     # from 0 … focus_window − 1, or kept whole (1 in focus_window + 1)
-    focus_steps: int = 2_000
+    focus_steps: int = 4_000
     focus_lr: float = 5e-4
     focus_window: int = 3
+    # the share of focus questions given another article's passage instead (:func:`distractor`):
+    # the span cannot be read there, so the generator learns to hedge where a passage does not
+    # answer — what lets Eq. 1 / Eq. 2 prefer the retrieved passage that does
+    focus_distract: float = 0.2
+    distractor_pool: int = 64
     # bf16 matrix products where the device has them (config.autocast), fp32 elsewhere
     # (~1.7× faster on AVX512-BF16 cores: benchmarks/README.md)
     bf16: bool = True
@@ -312,19 +317,38 @@ def focused(passage: Passage, question: str, span: str, neighbours: int) -> Pass
                    " ".join(sentences[max(0, i - neighbours):i + neighbours + 1]))
 
 
+def distractor(pairs: list[tuple[Passage, str]], question: str, title: str, pool: int,
+               rng: random.Random) -> Passage:
+    """Of ``pool`` passages drawn from ``pairs``, the one of another article than ``title``
+    sharing most words of four letters or more with ``question``: a near miss, as a
+    retriever's lower ranks are."""
+    def content(text: str) -> set[str]:
+        return {w for w in text.lower().split() if len(w) > 3}
+
+    words, drawn = content(question), []
+    while len(drawn) < pool:
+        passage = pairs[rng.randrange(len(pairs))][0]
+        if passage.title != title:
+            drawn.append(passage)
+    return max(drawn, key=lambda p: len(words & content(p.text)))
+
+
 def reading_batch(pairs: list[tuple[Passage, str]], n: int, tokenizer, cfg: PretrainConfig,
                   rng: random.Random, focus: bool = False) -> dict[str, torch.Tensor]:
     """``n`` reading questions (:func:`~ragbook.data.reading_question`) with their passage in
     the input, ``"title / text // question"`` in ``read_seq_len`` tokens; the target is the
     blanked span. REALM masks a salient span and predicts it from the model's memory; here the
     passage is in the input, so the span is read, not recalled. With ``focus`` (the focus
-    stage) a passage is narrowed (:func:`focused`) unless the draw from 0 … ``focus_window``
-    is ``focus_window``."""
+    stage) a share ``focus_distract`` of the questions gets another article's passage
+    (:func:`distractor`, the span still the target), and the rest a passage narrowed
+    (:func:`focused`) unless the draw from 0 … ``focus_window`` is ``focus_window``."""
     passages, questions, spans = [], [], []
     for _ in range(n):
         passage, description = pairs[rng.randrange(len(pairs))]
         q = reading_question(passage, description, rng)  # never None: the pairs have spans
-        if focus and (neighbours := rng.randrange(cfg.focus_window + 1)) < cfg.focus_window:
+        if focus and rng.random() < cfg.focus_distract:
+            passage = distractor(pairs, q.question, passage.title, cfg.distractor_pool, rng)
+        elif focus and (neighbours := rng.randrange(cfg.focus_window + 1)) < cfg.focus_window:
             passage = focused(passage, q.question, q.answers[0], neighbours)
         passages.append(passage)
         questions.append(q.question)
@@ -370,7 +394,8 @@ def extend_positions(model, n: int):
 
 STAGES = ("denoise", "read", "focus")
 _STAGE_FIELDS = {"read": ("read_steps", "read_seq_len", "read_lr", "read_denoise"),
-                 "focus": ("focus_steps", "focus_lr", "focus_window")}
+                 "focus": ("focus_steps", "focus_lr", "focus_window", "focus_distract",
+                           "distractor_pool")}
 
 
 def _stage_settings(cfg: PretrainConfig, bf16: bool, stage: str) -> dict:

@@ -406,7 +406,7 @@ def test_reading_batches_read_their_span_from_the_passage_in_the_input():
 def test_the_focus_stage_narrows_passages_to_the_questions_sentence_and_its_neighbours():
     tok = generator.load_generator("tiny")[1]
     pairs, _ = train.reading_pairs(0)
-    cfg = train.PretrainConfig()
+    cfg = train.PretrainConfig(focus_distract=0.0)
     focus = train.reading_batch(pairs, 64, tok, cfg, random.Random(0), focus=True)
     widths = []
     for source, target, mask in zip(focus["input_ids"], focus["labels"], focus["target_mask"]):
@@ -421,6 +421,26 @@ def test_the_focus_stage_narrows_passages_to_the_questions_sentence_and_its_neig
         "Six 1990 seven eight.")  # of the sentences holding the span, the question's
     assert train.focused(passage, "it: Four _____ five", "1990", 1).text == (
         "One two three. Four 1990 five. Six 1990 seven eight.")
+
+
+def test_focus_distractors_are_near_misses_from_other_articles():
+    nile = data.Passage("a", "Nile", "The Nile flows north through Egypt to the sea.")
+    pairs = [(nile, "river"), (data.Passage("b", "Banana", "Bananas grow in warm lands."), "fruit"),
+             (data.Passage("c", "Delta", "The Nile delta floods every summer in Egypt."), "land")]
+    question = "river: The Nile flows north through _____ to the sea."
+    rng = random.Random(0)
+    picked = {train.distractor(pairs, question, "Nile", 8, rng).title for _ in range(20)}
+    assert picked == {"Delta"}  # never the question's own article; the one sharing its words
+
+    tok = generator.load_generator("tiny")[1]
+    train_pairs, _ = train.reading_pairs(0)
+    cfg = train.PretrainConfig(focus_distract=1.0)
+    batch = train.reading_batch(train_pairs, 32, tok, cfg, random.Random(0), focus=True)
+    sources = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    spans = [tok.decode(t[m], skip_special_tokens=True)
+             for t, m in zip(batch["labels"], batch["target_mask"])]
+    # the span is still the target, but (almost always) not in the passage given
+    assert sum(span in src.split(" // ")[0] for src, span in zip(sources, spans)) <= 4
 
 
 def test_an_interrupted_generator_export_leaves_the_previous_one(tmp_path, monkeypatch):
