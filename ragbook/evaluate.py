@@ -17,14 +17,14 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import BLANK, SALIENT_SPANS, Example, Passage, gold_passages
+from .data import BLANK, SALIENT_SPANS, Example, Passage, gold_passages, salient_spans
 from .pipeline import Prediction, RagModel, Retrieved, exact_match, normalize_answer
 
 
@@ -447,13 +447,16 @@ def span_kind(span: str) -> str:
     return "name"
 
 
-def edit_spans(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, str]:
+def edit_spans(examples: Sequence[Example], n: int, seed: int = 0, names: Sequence[str] = (),
+               encode: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, str]:
     """Pick ``n`` reading-QA facts, one per article, and give each a new answer of the old
     one's kind and shape, as a newer Wikipedia states a newer figure: a year moves by 1 to 30
     years, a number gets another leading digit (its last, when it leads with 0), and a name
-    becomes another chosen fact's name of as many words (a cycle among them). Every new answer
-    fits the sentence it goes into, so only the passage can tell which is right. Returns
-    question → new span; a name alone of its length among the chosen is left out."""
+    becomes the name most like it (the cosine of ``encode``'s vectors) of as many words among
+    ``names`` and the chosen facts' own names — "Los Angeles" a city, not a fund — and never one
+    the question holds. Every new answer fits the sentence it goes into, so only the passage
+    can tell which is right. Returns question → new span; without ``encode`` names are not
+    edited."""
     import random
 
     first = {}
@@ -461,7 +464,7 @@ def edit_spans(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, 
         first.setdefault(e.article, e)
     rng = random.Random(f"span-swap/{seed}")
     chosen = [first[a] for a in rng.sample(sorted(first), min(n, len(first)))]
-    edits, names = {}, {}
+    edits, named = {}, []
     for e in chosen:
         span, kind = e.answers[0], span_kind(e.answers[0])
         if kind == "date":
@@ -475,11 +478,21 @@ def edit_spans(examples: Sequence[Example], n: int, seed: int = 0) -> dict[str, 
                                             else "0123456789") if d != span[at]])
             edits[e.question] = span[:at] + other + span[at + 1:]
         else:
-            names.setdefault(len(span.split()), []).append(e)
-    for group in names.values():
-        for e, new in zip(group, group[1:] + group[:1]):
-            if normalize_answer(new.answers[0]) != normalize_answer(e.answers[0]):
-                edits[e.question] = new.answers[0]
+            named.append(e)
+    if not (named and encode):
+        return edits
+    pool = list(dict.fromkeys([*names, *(e.answers[0] for e in named)]))
+    vectors = encode(pool)
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    row = {name: i for i, name in enumerate(pool)}
+    for e in named:
+        old, question = e.answers[0], f" {normalize_answer(e.question)} "
+        fits = [i for i, name in enumerate(pool) if len(name.split()) == len(old.split())
+                and normalize_answer(name) not in (normalize_answer(old), "")
+                and f" {normalize_answer(name)} " not in question]
+        if fits:
+            similarity = vectors[fits] @ vectors[row[old]]
+            edits[e.question] = pool[fits[int(similarity.argmax())]]
     return edits
 
 
@@ -533,8 +546,13 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
                          "the model's answers to exactly these examples, or none")
     known = [e for e, p in zip(examples, predictions) if p.em]
     original_index, original_vectors, original_bm25 = model.index, model.doc_vectors, model.bm25
-    if task == "reading-qa":
-        edits = edit_spans(known, n_facts, seed)
+    doc_encoder = load_encoders(model.preset)[1]
+    if task == "reading-qa":  # a name may become another name of the facts' articles
+        articles = {e.article for e in known}
+        names = sorted({m.group() for p in original_index.passages if p.title in articles
+                        for _, m in salient_spans(p).get("name", [])})
+        edits = edit_spans(known, n_facts, seed, names,
+                           lambda texts: doc_encoder.encode(texts, progress=False))
         facts = [e for e in known if e.question in edits]
         corpus = span_edited_corpus(original_index.passages, facts, edits)
         swapped = [Example(e.question, [edits[e.question]], e.article) for e in facts]
@@ -547,7 +565,6 @@ def hot_swap(model, examples: Sequence[Example], n_facts: int = 50, seed: int = 
                if new is not old]
     vectors = original_vectors.cpu().numpy().copy()  # only the edited passages are re-encoded
     if changed:
-        doc_encoder = load_encoders(model.preset)[1]
         vectors[changed] = doc_encoder.encode_passages([corpus[i] for i in changed],
                                                        progress=False)
     new_index = type(original_index).build(vectors, corpus, kind=original_index.kind,

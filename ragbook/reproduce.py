@@ -135,7 +135,10 @@ def run(cfg: ReproduceConfig | None = None, runs_dir: str | Path = "runs",
         table[name], predictions[name] = decode(models[name], READING, qa, marginalization)
         lap(f"{name}: training and evaluation")
     trained = models["rag_token"]
-    table["top1_only"], predictions["top1_only"] = decode(trained, READING, qa, n_docs=1)
+    for name, model, marginalization in (("top1_only", trained, "token"),
+                                         ("top1_only_sequence", models["rag_sequence"],
+                                          "sequence")):
+        table[name], predictions[name] = decode(model, READING, qa, marginalization, n_docs=1)
     predictions["extract"] = ev.extracted_answers(trained, qa, preset.n_docs)
     table["extract"] = ev.score_predictions(predictions["extract"])
     if cfg.ablation_prior and cfg.ablation_prior != cfg.retriever:
@@ -303,6 +306,9 @@ def results_table(r: dict) -> str:
         f"| | RAG-Token ({model}) | {scores('rag_token')} | {PAPER['rag_token']} |",
         f"| | RAG-Token reading only its top-1 passage (k = 1) | {scores('top1_only')} | |",
     ]
+    if "top1_only_sequence" in t:
+        rows.append(f"| | RAG-Sequence reading only its top-1 passage (k = 1) | "
+                    f"{scores('top1_only_sequence')} | |")
     if "rag_token_ablation" in t:
         rows.append(f"| | RAG-Token read with the {config['ablation_prior']} prior (ablation, "
                     f"no retraining) | {scores('rag_token_ablation')} | |")
@@ -401,11 +407,14 @@ def findings(r: dict) -> list[str]:
         f"on); the paper: EM {PAPER['rag_sequence']} / {PAPER['rag_token']} against "
         f"{PAPER['closed_book']}."]
     if reading:
-        out.append(
-            f"{mark('rag_token', 'top1_only')} **More than the top passage**: RAG-Token over "
-            f"k = {r['n_docs']} passages F1 {score('rag_token')} against the same model reading "
-            f"only its top-1 passage, {score('top1_only')} ({diff('rag_token', 'top1_only')}); "
-            "the paper (Figure 3, left): NQ EM rises from k = 1 to k = 10 for both models.")
+        for model, top1, label in (("rag_sequence", "top1_only_sequence", "RAG-Sequence"),
+                                   ("rag_token", "top1_only", "RAG-Token")):
+            if top1 in scores:
+                out.append(
+                    f"{mark(model, top1)} **More than the top passage**: {label} over "
+                    f"k = {r['n_docs']} passages F1 {score(model)} against the same model "
+                    f"reading only its top-1 passage, {score(top1)} ({diff(model, top1)}); the "
+                    "paper (Figure 3, left): NQ EM rises from k = 1 to k = 10 for both models.")
         if "rag_token_ablation" in scores:
             said = {">": "above", "<": "below", "≈": "level with"}[
                 ev.compare(scores["rag_token_ablation"], scores["rag_token"])]

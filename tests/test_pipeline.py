@@ -674,11 +674,12 @@ def test_span_edits_keep_the_kind_and_shape_of_their_span_and_change_only_their_
              Example("a height of _____ metres", ["8,849"], "C"),
              Example("about _____ people", ["0.2"], "D"),
              Example("led by _____", ["Ada King"], "E"),
-             Example("won by _____", ["Tom Lee"], "F"), Example("named _____", ["Zoe"], "G"),
+             Example("won by _____", ["Tom Lee"], "F"),
+             Example("named _____ after Max", ["Zoe"], "G"),
              Example("again in _____", ["1990"], "A")]
     edits = edit_spans(facts, 10, seed=0)
     assert edits == edit_spans(facts, 10, seed=0) != edit_spans(facts, 10, seed=1)
-    assert set(edits) == {e.question for e in facts[:6]}  # one fact per article; Zoe alone
+    assert set(edits) == {e.question for e in facts[:4]}  # one fact per article; no names
     old = {e.question: e.answers[0] for e in facts}
     for question in ("founded in _____ by", "born in _____"):  # a year for a nearby year
         assert 0 < abs(int(edits[question]) - int(old[question])) <= 30
@@ -687,7 +688,13 @@ def test_span_edits_keep_the_kind_and_shape_of_their_span_and_change_only_their_
         assert len(new) == len(was) and sum(a != b for a, b in zip(new, was)) == 1
         assert new[0] != "0" or was[0] == "0"
         assert [c for c in new if not c.isdigit()] == [c for c in was if not c.isdigit()]
-    assert edits["led by _____"] == "Tom Lee" and edits["won by _____"] == "Ada King"
+    # a name becomes the most similar name of as many words, never one its question holds
+    vectors = {"Ada King": [1, 0], "Tom Lee": [0, 1], "Zoe": [1, 1], "Ada Lovelace": [0.9, 0.1],
+               "Tom Hanks": [0.1, 0.9], "Max": [1, 0.9]}
+    named = edit_spans(facts, 10, 0, names=["Ada Lovelace", "Tom Hanks", "Max"],
+                       encode=lambda texts: np.array([vectors[t] for t in texts], dtype=float))
+    assert named["led by _____"] == "Ada Lovelace" and named["won by _____"] == "Tom Hanks"
+    assert "named _____ after Max" not in named and named["born in _____"] == edits["born in _____"]
     corpus = [Passage("A::0", "A", "A was founded in 1990 by B; 19901 is a number."),
               Passage("B::0", "B", "B was born in 1802 and 1990.")]
     edited = span_edited_corpus(corpus, facts[:2], edits)
@@ -734,11 +741,12 @@ def test_a_reading_hot_swap_serves_passages_stating_other_spans(toy, monkeypatch
         return out
 
     monkeypatch.setattr(model, "answer", reader)
-    edits = edit_spans(reading, 4, seed=0)
     result = hot_swap(model, reading, n_facts=4, seed=0, task="reading-qa")
-    assert result["facts"] == len(edits) == 4
+    assert result["facts"] == 4
     assert result["followed"] == 1.0 and result["kept"] == 1.0 and result["misses"] == []
-    assert {x["new"] for x in result["examples"]} == set(edits.values())
+    # each colour (to edit_spans, a name) became another chosen colour or a name of the towns'
+    # passages (their rivers), the one the doc encoder finds most similar
+    assert all(x["new"] in COLOURS + RIVERS and x["new"] != x["old"] for x in result["examples"])
     assert model.index is index and model.index.passages == CORPUS
 
 
@@ -860,8 +868,8 @@ def test_reproduce_runs_every_experiment_and_writes_its_run_directory(toy, monke
     for key in ("frozen", "finetuned", "bm25", "hybrid_frozen", "hybrid"):
         assert set(results["retrieval"][key]) == {"recall@1", "recall@5", "recall@20"}
     assert all(0 <= results["reading_qa"][m][score] <= 1 for score in ("em", "f1")
-               for m in ("closed_book", "rag_sequence", "rag_token", "top1_only", "extract",
-                         "rag_token_ablation", "reader_gold"))
+               for m in ("closed_book", "rag_sequence", "rag_token", "top1_only",
+                         "top1_only_sequence", "extract", "rag_token_ablation", "reader_gold"))
     assert results["reading_qa"]["extract"]["f1"] > 0  # the rule reads the toy colours
     assert {"bleu1"} == set(results["qgen"]["rag_token"]) and "accuracy" in results["verify"]["rag"]
     for sweep in results["k_sweep"].values():

@@ -125,7 +125,8 @@ def test_reproduce_decodes_each_task_as_it_records(toy, monkeypatch, tmp_path):
     # per-question scores for the paired findings, one per test question of each task
     hits = json.loads((run / "results.json").read_text())["hits"]
     assert set(hits["f1"]) == {"closed_book", "rag_sequence", "rag_token", "top1_only",
-                               "extract", "rag_token_ablation", "reader_gold"}
+                               "top1_only_sequence", "extract", "rag_token_ablation",
+                               "reader_gold"}
     assert {len(v) for v in [*hits["em"].values(), *hits["f1"].values()]} == {4}
     assert len(hits["verify"]["rag"]) == 4
     assert set(hits["recall@1"]) == {"frozen", "bm25", "hybrid_frozen", "finetuned", "hybrid"}
