@@ -37,7 +37,7 @@ READING = "reading-qa"  # Table 1's task: span answers read from a passage, as N
 
 @dataclass
 class ReproduceConfig:
-    """Sizes of one run; from an empty cache the defaults take about 15 minutes on 2 CPU cores
+    """Sizes of one run; from an empty cache the defaults take about 13 minutes on 2 CPU cores
     with AVX512-BF16 or AMX (README, "Results")."""
 
     preset: str = "tiny"
