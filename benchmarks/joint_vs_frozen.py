@@ -1,9 +1,9 @@
 """Table 6 on reading QA: RAG fine-tuned with a trainable vs a frozen query encoder BERT_q.
 
 The paper's Table 6 ablation ("Frozen" retriever vs learned) at `ragbook reproduce`'s sizes:
-RAG-Sequence and RAG-Token, each trained ``ReproduceConfig.rag_steps`` steps with the dense
-prior, once with BERT_q trained jointly (the models `reproduce` caches) and once frozen
-(``RagTrainConfig.freeze_retriever``), then read greedily (RAG-Sequence Thorough) on the same
+RAG-Sequence and RAG-Token as `reproduce.rag_model` trains them (``ReproduceConfig.rag_steps``
+steps, the dense prior), once with BERT_q trained jointly (the models `reproduce` caches) and
+once frozen (``freeze_retriever``), then read greedily (RAG-Sequence Thorough) on the same
 test questions. Reports F1 / EM, dense recall@1/5 of each model's BERT_q, and the paired F1
 difference with its standard error.
 
@@ -24,8 +24,7 @@ import numpy as np
 from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
-from ragbook.reproduce import READING, ReproduceConfig, task_preset, test_examples
-from ragbook.train import RagTrainConfig, trained_rag
+from ragbook.reproduce import READING, ReproduceConfig, rag_model, test_examples
 
 
 def main() -> None:
@@ -34,7 +33,6 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/joint_vs_frozen.json")
     args = ap.parse_args()
     cfg = ReproduceConfig()
-    preset = task_preset(cfg, READING)
     qa = test_examples(READING, args.questions, cfg.seed)
     decoding = ev.DECODING[READING]
     record: dict = {"settings": vars(args), "n": len(qa), "rag_steps": cfg.rag_steps,
@@ -43,10 +41,8 @@ def main() -> None:
     for marginalization in ("sequence", "token"):
         f1 = {}
         for frozen in (False, True):
-            train = RagTrainConfig(marginalization=marginalization, steps=cfg.rag_steps,
-                                   n_docs=preset.n_docs, seed=cfg.seed, freeze_retriever=frozen)
-            model = trained_rag(preset, READING, train, retriever=cfg.training_prior,
-                                progress=False)
+            model = rag_model(cfg, READING, marginalization, progress=False,
+                              freeze_retriever=frozen)
             scores, predictions = ev.evaluate_rag(model, qa, marginalization,
                                                   num_beams=decoding.num_beams,
                                                   decoding=decoding.method, progress=False)

@@ -485,11 +485,11 @@ def edit_spans(examples: Sequence[Example], n: int, seed: int = 0, names: Sequen
     vectors = encode(pool)
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
     row = {name: i for i, name in enumerate(pool)}
+    normal = [normalize_answer(name) for name in pool]
     for e in named:
         old, question = e.answers[0], f" {normalize_answer(e.question)} "
         fits = [i for i, name in enumerate(pool) if len(name.split()) == len(old.split())
-                and normalize_answer(name) not in (normalize_answer(old), "")
-                and f" {normalize_answer(name)} " not in question]
+                and normal[i] not in (normal[row[old]], "") and f" {normal[i]} " not in question]
         if fits:
             similarity = vectors[fits] @ vectors[row[old]]
             edits[e.question] = pool[fits[int(similarity.argmax())]]

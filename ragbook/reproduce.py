@@ -238,11 +238,12 @@ def check_priors(cfg: ReproduceConfig) -> None:
 
 def rag_model(cfg: ReproduceConfig, task: str = "entity-qa", marginalization: str = "token",
               steps: int | None = None, bm25=None, progress: bool = True,
-              prior: str | None = None):
+              prior: str | None = None, freeze_retriever: bool = False):
     """The RAG model ``reproduce`` uses for ``task``: jointly fine-tuned ``steps`` steps
     (default ``cfg.rag_steps`` for reading QA, ``cfg.entity_steps`` for entity QA) with
     ``cfg.training_prior`` (trained once, then cached) and read with ``prior`` (default
-    ``cfg.retriever``). ``bm25``: a BM25Retriever over the corpus to share."""
+    ``cfg.retriever``). ``bm25``: a BM25Retriever over the corpus to share;
+    ``freeze_retriever``: Table 6's ablation, BERT_q frozen in training."""
     from .retriever import BM25Retriever
     from .train import RagTrainConfig, trained_rag
 
@@ -250,7 +251,8 @@ def rag_model(cfg: ReproduceConfig, task: str = "entity-qa", marginalization: st
     preset = task_preset(cfg, task)
     steps = steps or (cfg.rag_steps if task == READING else cfg.entity_steps)
     train = RagTrainConfig(marginalization=marginalization, steps=steps,
-                           n_docs=preset.n_docs, seed=cfg.seed)
+                           n_docs=preset.n_docs, seed=cfg.seed,
+                           freeze_retriever=freeze_retriever)
     model = trained_rag(preset, task, train, retriever=cfg.training_prior, progress=progress)
     prior = prior or cfg.retriever
     if prior == cfg.training_prior:
