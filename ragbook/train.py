@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -714,7 +715,8 @@ def trained_rag(preset, task: str = "entity-qa", cfg: RagTrainConfig | None = No
     on disk, e.g. :func:`~ragbook.retriever.trained_query_encoder`'s supervised one, the
     analogue of the paper's DPR initialisation); default the preset's. It is not modified: the
     run trains a copy loaded from its path, and the cache key holds a hash of its weights.
-    The run's checkpoint lives beside the cache entry, so an interrupted training resumes.
+    The run's checkpoint lives beside the cache entry, so an interrupted training resumes;
+    it is deleted once the model is cached.
     """
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
@@ -744,6 +746,7 @@ def trained_rag(preset, task: str = "entity-qa", cfg: RagTrainConfig | None = No
         atomic_write_bytes(out / "history.json", json.dumps(state).encode())
 
     path = cached("rag-model", params, build)
+    shutil.rmtree(run_dir, ignore_errors=True)  # the model is cached: its checkpoint can go
     with quiet_loading():
         generator = BartForConditionalGeneration.from_pretrained(path / "generator",
                                                                  dtype=torch.float32)

@@ -1117,3 +1117,29 @@ def test_encoder_fingerprint_follows_the_weights_of_a_saved_query_encoder(tmp_pa
     assert T.encoder_fingerprint(str(tmp_path)) != first
     assert T.encoder_fingerprint("sentence-transformers/all-MiniLM-L6-v2") == (
         "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_trained_rag_deletes_its_checkpoint_once_the_model_is_cached(tmp_path, monkeypatch):
+    """A finished run leaves only the cached model: the checkpoint (with AdamW's moments, twice
+    the model's size) exists only while the training can still be interrupted."""
+    from ragbook import data
+    from ragbook.config import get_preset
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAGBOOK_CACHE", str(cache))
+    passages = [p for p in data.load_corpus()[:60] if p.id.endswith("::0")][:20]
+    monkeypatch.setattr(data, "load_corpus", lambda: passages)
+    saved = []
+    real_loop = T.resumable_loop
+
+    def loop(step_fn, stateful, steps, checkpoint_path, *args, **kwargs):
+        state = real_loop(step_fn, stateful, steps, checkpoint_path, *args, **kwargs)
+        saved.append(Path(checkpoint_path).exists())
+        return state
+
+    monkeypatch.setattr(T, "resumable_loop", loop)
+    cfg = T.RagTrainConfig(n_docs=2, steps=1, batch_size=2, checkpoint_every=1)
+    model = T.trained_rag(get_preset("tiny"), "entity-qa", cfg, progress=False)
+    assert saved == [True]  # the run wrote its checkpoint ...
+    assert not any((cache / "rag-run").iterdir())  # ... which is gone once the model is cached
+    assert len(list((cache / "rag-model").iterdir())) == 1 and len(model.history) == 1
