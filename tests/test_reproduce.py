@@ -167,3 +167,19 @@ def test_findings_call_a_difference_only_beyond_twice_its_paired_error():
                                            top1_title=[0] * 100))
     assert reverse[0].startswith("✘")  # the closed book ahead: against the paper, said so
     assert reverse[2].startswith("≈")  # RAG-Sequence and RAG-Token apart: unlike the paper
+
+
+def test_the_recorded_run_is_a_run_of_the_current_defaults():
+    """Notebook 07 shows the recorded run as `ragbook reproduce`'s Table 1: it must be a run of
+    today's defaults, its per-question scores behind every row, rendered by results_table."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    r = json.loads(reproduce.RECORDED.read_text())
+    assert r["config"] == json.loads(json.dumps(asdict(ReproduceConfig())))
+    for name, scores in r["reading_qa"].items():
+        assert len(r["hits"]["f1"][name]) == scores["n"] == r["config"]["eval_questions"]
+        f1 = np.mean(r["hits"]["f1"][name])  # each question's F1 kept to four decimals
+        assert f1 == pytest.approx(scores["f1"], abs=1e-4), name
+    assert "RAG-Sequence (dense prior)" in reproduce.results_table(r)
