@@ -5,7 +5,11 @@ top-1 passage. RAG earns its generator on this task only where Eq. 1 / Eq. 2 pre
 lower-ranked passage's title. RAG-Sequence and RAG-Token as `ragbook ask` and `export` use them
 (`reproduce.rag_model`: ``ReproduceConfig.entity_steps`` joint steps, the paper's dense prior,
 cached), read greedily (RAG-Sequence Thorough) on the same test questions; per question, the
-EM of each and of its own BERT_q's top-1 title, and the paired differences.
+EM of each and of its own BERT_q's top-1 title, and the paired differences. Then RAG-Sequence
+again with its prior flattened at test time (the scores d(z)ᵀq(x) scaled by ``--flatten``; 0 is
+a uniform prior over the same top 5): the less the prior weighs, the more the generator's own
+p_θ(y|x, z) chooses the passage, so EM against the scale says whether the generator ranks the
+titles better or worse than the retriever does.
 
     python benchmarks/entity_rerank.py                  # every entity-QA test question
     python benchmarks/entity_rerank.py --questions 400
@@ -16,6 +20,7 @@ Each run appends one record (scores, paired differences, seconds, the machine) t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,6 +38,7 @@ TASK = "entity-qa"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=None, help="default: the whole test split")
+    ap.add_argument("--flatten", type=float, nargs="*", default=[0.5, 0.25, 0.0])
     ap.add_argument("--out", default="benchmarks/results/entity_rerank.json")
     args = ap.parse_args()
     cfg = ReproduceConfig()
@@ -60,6 +66,19 @@ def main() -> None:
             "wrong_where_top1_right": int(((rag == 0) & (title == 1)).sum())}
         print(f"RAG-{marginalization}", json.dumps(record["models"][f"rag_{marginalization}"]),
               flush=True)
+        if marginalization == "sequence":
+            preset, flat = model.preset, {}
+            for factor in args.flatten:
+                model.preset = dataclasses.replace(preset, score_scale=factor * preset.score_scale)
+                em = [p.em for p in ev.evaluate_rag(model, qa, "sequence",
+                                                    num_beams=decoding.num_beams,
+                                                    decoding=decoding.method)[1]]
+                d, se = ev.paired_difference(em, title)
+                flat[str(factor)] = {"em": float(np.mean(em)), "minus_top1_title": {"mean": d,
+                                                                                   "se": se}}
+                print(f"  prior scale × {factor}", json.dumps(flat[str(factor)]), flush=True)
+            model.preset = preset
+            record["models"]["rag_sequence"]["flattened_prior"] = flat
     record["seconds"] = round(time.time() - start, 1)
     out = Path(args.out)
     runs = json.loads(out.read_text()) if out.exists() else []
