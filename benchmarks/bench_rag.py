@@ -316,6 +316,15 @@ def finetune(generator, tokenizer, preset, k: int, steps: int, batch: int = 16) 
     generator.eval()
 
 
+def append_runs(path: str | Path, records: list[dict]) -> None:
+    """Append ``records`` to the JSON list of runs at ``path`` (created if absent), atomically."""
+    from ragbook.artifacts import atomic_write_bytes
+
+    path = Path(path)
+    runs = json.loads(path.read_text()) if path.exists() else []
+    atomic_write_bytes(path, json.dumps(runs + records, indent=1).encode())
+
+
 def cpu_name() -> str:
     """The CPU's model name and the matrix extensions that decide bf16/fp32 speed."""
     info = Path("/proc/cpuinfo")

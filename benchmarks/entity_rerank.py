@@ -23,13 +23,11 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from bench_rag import append_runs, cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
-from ragbook.artifacts import atomic_write_bytes
 from ragbook.reproduce import ReproduceConfig, rag_model, test_examples
 
 TASK = "entity-qa"
@@ -47,12 +45,18 @@ def main() -> None:
     record: dict = {"settings": vars(args), "n": len(qa), "entity_steps": cfg.entity_steps,
                     "cpu": cpu_name(), "date": time.strftime("%F"), "models": {}}
     start = time.time()
+
+    def read(model, marginalization):
+        return ev.evaluate_rag(model, qa, marginalization, num_beams=decoding.num_beams,
+                               decoding=decoding.method)[1]
+
     for marginalization in ("sequence", "token"):
         model = rag_model(cfg, TASK, marginalization, progress=False)
-        predictions = ev.evaluate_rag(model, qa, marginalization, num_beams=decoding.num_beams,
-                                      decoding=decoding.method)[1]
+        predictions = read(model, marginalization)
         rag = np.array([p.em for p in predictions], dtype=float)
-        title = ev.top1_title_hits(model, qa).astype(float)
+        # the top-1 title baseline, from the passages these answers were read from
+        title = np.array([ev.exact_match(p.provenance[0]["title"], p.answers)
+                          for p in predictions], dtype=float)
         # where RAG answered with a retrieved title other than the top-1's: the generator re-ranked
         moved = [not ev.exact_match(p.prediction, [p.provenance[0]["title"]]) and
                  ev.exact_match(p.prediction, [z["title"] for z in p.provenance[1:]])
@@ -70,9 +74,7 @@ def main() -> None:
             preset, flat = model.preset, {}
             for factor in args.flatten:
                 model.preset = dataclasses.replace(preset, score_scale=factor * preset.score_scale)
-                em = [p.em for p in ev.evaluate_rag(model, qa, "sequence",
-                                                    num_beams=decoding.num_beams,
-                                                    decoding=decoding.method)[1]]
+                em = [p.em for p in read(model, "sequence")]
                 d, se = ev.paired_difference(em, title)
                 flat[str(factor)] = {"em": float(np.mean(em)), "minus_top1_title": {"mean": d,
                                                                                    "se": se}}
@@ -80,9 +82,7 @@ def main() -> None:
             model.preset = preset
             record["models"]["rag_sequence"]["flattened_prior"] = flat
     record["seconds"] = round(time.time() - start, 1)
-    out = Path(args.out)
-    runs = json.loads(out.read_text()) if out.exists() else []
-    atomic_write_bytes(out, json.dumps(runs + [record], indent=1).encode())
+    append_runs(args.out, [record])
 
 
 if __name__ == "__main__":

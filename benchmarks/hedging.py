@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from bench_rag import append_runs, cpu_name  # a sibling script: benchmarks/ is on sys.path
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from ragbook import evaluate as ev
@@ -91,9 +91,7 @@ def main() -> None:
                    "threads": args.threads, "date": time.strftime("%F")}
         print(json.dumps(record, indent=1), flush=True)
         records.append(record)
-    out = Path(args.out)
-    runs = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(runs + records, indent=1))
+    append_runs(args.out, records)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from bench_rag import append_runs, cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
 from ragbook.reproduce import READING, ReproduceConfig, rag_model, test_examples
@@ -58,9 +57,7 @@ def main() -> None:
         print(f"RAG-{marginalization}: joint − frozen F1 {100 * d:+.1f} ± {100 * se:.1f}",
               flush=True)
     record["seconds"] = round(time.time() - start, 1)
-    out = Path(args.out)
-    runs = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(runs + [record], indent=1))
+    append_runs(args.out, [record])
 
 
 if __name__ == "__main__":

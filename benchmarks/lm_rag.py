@@ -27,11 +27,10 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from bench_rag import append_runs, cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import causal, rag
 from ragbook import evaluate as ev
@@ -136,9 +135,7 @@ def main() -> None:
         and name != first}
     record["seconds"] = round(time.time() - t0, 1)
     record["per_question_f1"] = scores
-    out = Path(args.out)
-    runs = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(runs + [record], indent=1))
+    append_runs(args.out, [record])
     print(json.dumps({k: record[k] for k in ("recall", "paired_vs_top1", "paired_vs_gold_first",
                                              "seconds")}, indent=1))
 

@@ -27,10 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-from bench_rag import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from bench_rag import append_runs, cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from ragbook import evaluate as ev
 from ragbook.config import get_preset
@@ -98,9 +97,7 @@ def main() -> None:
         base]))) for name, s in scores.items() if name != base}
     record["seconds"] = round(time.time() - t0, 1)
     record["per_question_f1"] = scores
-    out = Path(args.out)
-    runs = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(runs + [record], indent=1))
+    append_runs(args.out, [record])
     for name, f1 in record["f1"].items():
         print(f"{name:32s} F1 {f1:.3f}")
     print(json.dumps({k: record[k] for k in ("recall", "paired_vs_top1", "seconds")}, indent=1))
